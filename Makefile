@@ -1,0 +1,65 @@
+# Thin wrappers; the README names them. Each target creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+
+.PHONY: run test test-slow test-containers train train-seed smoke lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+
+# Stamps record which extras are installed; pyproject.toml changes re-install.
+$(VENV)/.serve: pyproject.toml | $(BIN)/python
+	$(PIP) -e '.[serve]'
+	touch $@
+
+$(VENV)/.dev: pyproject.toml | $(BIN)/python
+	$(PIP) -e '.[dev]'
+	touch $@ $(VENV)/.serve
+
+## run: serve the committed model on http://$(HOST):$(PORT)
+run: $(VENV)/.serve
+	MNIST_SERVE_HOST=$(HOST) MNIST_SERVE_PORT=$(PORT) $(BIN)/mnist-serve
+
+## test: the default suite (fast; no full training, no containers)
+test: $(VENV)/.dev
+	$(BIN)/python -m pytest -m "not slow and not containers"
+
+## test-slow: long-running tests (soak, full-data checks)
+test-slow: $(VENV)/.dev
+	$(BIN)/python -m pytest -m "slow and not containers"
+
+## test-containers: build the image, docker compose up, predict, tear down
+test-containers: $(VENV)/.dev
+	$(BIN)/python -m pytest -m containers
+
+## train: train the shipped CNN (full schedule), evaluate it, export models/mnist-cnn.onnx + card
+train: $(VENV)/.dev
+	$(BIN)/mnist-train --model cnn
+	$(BIN)/mnist-evaluate --run runs/cnn --docs docs
+	$(BIN)/mnist-export --run runs/cnn --out models
+
+## train-seed: the published baseline, for comparison
+train-seed: $(VENV)/.dev
+	$(BIN)/mnist-train --model seed
+	$(BIN)/mnist-evaluate --run runs/seed --docs docs
+
+## smoke: train + evaluate + export a tiny model in under a minute (into runs/, not models/)
+smoke: $(VENV)/.dev
+	$(BIN)/mnist-train --model cnn --smoke
+	$(BIN)/mnist-evaluate --run runs/cnn-smoke
+	$(BIN)/mnist-export --run runs/cnn-smoke --out runs/cnn-smoke/export
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check training service tests bench
+	$(BIN)/mypy service
+
+bench: $(VENV)/.dev
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache test-artifacts

@@ -1,0 +1,185 @@
+"""Train one of the architectures on MNIST and save config, history and checkpoint together.
+
+    mnist-train --model cnn                  # the shipped model, full schedule (~25 min on 2 CPU cores)
+    mnist-train --model seed                 # the published baseline: 20% validation, early stopping
+    mnist-train --model cnn --smoke          # a tiny subset, seconds: for CI and quick checks
+    python -m training.train --help
+
+A run directory (default ``runs/<model>``) receives ``config.json``, ``history.json``, ``model.keras``
+and ``run.json`` (wall time, hardware, library versions). ``mnist-evaluate`` and ``mnist-export`` read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.config import TrainConfig
+from training.data import Mnist, load_mnist
+
+DEFAULT_RUNS = Path("runs")
+
+
+@dataclass
+class Split:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+
+
+def split_data(mnist: Mnist, config: TrainConfig) -> Split:
+    """Seeded shuffle of the 60k training images, then hold out ``validation_split`` of them."""
+    rng = np.random.default_rng(config.seed)
+    order = rng.permutation(len(mnist.x_train))
+    if config.smoke:
+        order = order[: config.smoke_train_images + config.smoke_train_images // 4]
+    n_val = int(round(len(order) * config.validation_split))
+    train_idx, val_idx = order[n_val:], order[:n_val]
+    return Split(mnist.x_train[train_idx], mnist.y_train[train_idx], mnist.x_train[val_idx], mnist.y_train[val_idx])
+
+
+def hardware() -> dict[str, Any]:
+    """What the run ran on, for the model card."""
+    import tensorflow as tf
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "gpus": gpus, "platform": platform.platform()}
+
+
+def library_versions() -> dict[str, str]:
+    import keras
+    import tensorflow as tf
+
+    return {"python": platform.python_version(), "numpy": np.__version__, "tensorflow": tf.__version__,
+            "keras": keras.__version__}
+
+
+def make_dataset(x: np.ndarray, y: np.ndarray, config: TrainConfig, training: bool):  # type: ignore[no-untyped-def]
+    import tensorflow as tf
+
+    from training.model import NUM_CLASSES, augmenter
+
+    def prepare(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        images = tf.cast(images, tf.float32)[..., None] / 255.0
+        return images, tf.one_hot(tf.cast(labels, tf.int32), NUM_CLASSES)
+
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    if training:
+        ds = ds.shuffle(len(x), seed=config.seed, reshuffle_each_iteration=True)
+    ds = ds.batch(config.batch_size).map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    if training and config.augment:
+        aug = augmenter(config.rotation_degrees, config.shift_fraction, config.zoom_fraction, config.seed)
+        ds = ds.map(lambda a, b: (aug(a, training=True), b), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def train(config: TrainConfig, out_dir: Path, data_dir: Path | None = None, verbose: int | str = "auto") -> Path:
+    """Train, write the run directory, return the path of the saved Keras model."""
+    import keras
+
+    from training.model import build
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config.save(out_dir / "config.json")
+    keras.utils.set_random_seed(config.seed)
+    split = split_data(load_mnist(data_dir), config)
+    train_ds = make_dataset(split.x_train, split.y_train, config, training=True)
+    val_ds = make_dataset(split.x_val, split.y_val, config, training=False)
+
+    model = build(config.model)
+    steps = int(np.ceil(len(split.x_train) / config.batch_size)) * config.epochs
+    if config.warmup_fraction > 0:
+        warmup = int(steps * config.warmup_fraction)
+        lr: Any = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=config.learning_rate / 10, decay_steps=steps - warmup, alpha=0.01,
+            warmup_target=config.learning_rate, warmup_steps=warmup,
+        )
+    else:
+        lr = config.learning_rate
+    optimizer = (keras.optimizers.AdamW(lr, weight_decay=config.weight_decay) if config.weight_decay
+                 else keras.optimizers.Adam(lr))
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+    )
+    model_path = out_dir / "model.keras"
+    callbacks: list[keras.callbacks.Callback] = [keras.callbacks.CSVLogger(str(out_dir / "history.csv"))]
+    if config.early_stopping_patience:
+        callbacks.append(keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=config.early_stopping_patience, restore_best_weights=True, verbose=1))
+
+    print(f"training {config.model} ({model.count_params():,} parameters) on {len(split.x_train):,} images, "
+          f"validating on {len(split.x_val):,}, {config.epochs} epochs", flush=True)
+    start = time.perf_counter()
+    history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
+                        verbose=verbose)
+    wall = time.perf_counter() - start
+    model.save(model_path)
+
+    hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+    (out_dir / "history.json").write_text(json.dumps(hist, indent=1) + "\n")
+    run = {
+        "model": config.model,
+        "parameters": int(model.count_params()),
+        "epochs_run": len(hist.get("loss", [])),
+        "train_images": len(split.x_train),
+        "validation_images": len(split.x_val),
+        "best_val_accuracy": max(hist.get("val_accuracy", [0.0])),
+        "train_wall_seconds": round(wall, 1),
+        "images_per_second": round(len(split.x_train) * len(hist.get("loss", [])) / wall, 1),
+        "hardware": hardware(),
+        "libraries": library_versions(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (out_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+    print(f"trained in {wall:.0f} s; best val accuracy {run['best_val_accuracy']:.4f}; saved {model_path}")
+    return model_path
+
+
+def parse_args(argv: list[str] | None) -> tuple[TrainConfig, Path, Path | None]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["seed", "cnn"], default="cnn")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--smoke", action="store_true", help="small subset, 2 epochs: finishes in well under a minute")
+    parser.add_argument("--out", type=Path, help="run directory (default runs/<model>[-smoke])")
+    parser.add_argument("--data-dir", type=Path, help="MNIST cache directory (default $MNIST_DATA_DIR or ~/.cache)")
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in {"epochs": args.epochs, "batch_size": args.batch_size,
+                                   "learning_rate": args.learning_rate, "seed": args.seed}.items() if v is not None}
+    if args.smoke:
+        overrides = {"epochs": 2, **overrides, "smoke": True}
+    config = TrainConfig.for_model(args.model, **overrides)
+    out = args.out or DEFAULT_RUNS / (args.model + ("-smoke" if args.smoke else ""))
+    return config, out, args.data_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    config, out, data_dir = parse_args(argv)
+    train(config, out, data_dir, verbose=2 if not sys.stdout.isatty() else "auto")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
