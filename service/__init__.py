@@ -1,0 +1,1 @@
+"""mnist-serve: the digit classifier served over HTTP (FastAPI + onnxruntime; no TensorFlow)."""

@@ -1,0 +1,194 @@
+"""Typed domain errors and the one place that turns them (and framework errors) into HTTP answers.
+
+Every error the service sends has the body ``{"error": {"code": str, "message": str, ...}}``; bad input is
+never a 500. Handlers are registered once, by :func:`register_error_handlers`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """Base of the domain errors: an HTTP status, a stable machine-readable code and a human message."""
+
+    status_code: ClassVar[int] = 500
+    code: str = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        index: int | None = None,
+        details: Sequence[Mapping[str, Any]] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.index = index
+        self.details = list(details) if details else None
+        self.headers = dict(headers) if headers else {}
+
+    def at_index(self, index: int) -> ServiceError:
+        """The same error, naming the batch item it came from."""
+        self.index = index
+        self.message = f"items[{index}]: {self.message}"
+        return self
+
+    def body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.index is not None:
+            error["index"] = self.index
+        if self.details:
+            error["details"] = self.details
+        return {"error": error}
+
+
+class InvalidInput(ServiceError):
+    """The request is well-formed HTTP but its content cannot be a digit image (shape, NaN, undecodable, bomb)."""
+
+    status_code = 422
+    code = "invalid_input"
+
+
+class PayloadTooLarge(ServiceError):
+    """The body (or the number of batch items) is over the configured limit."""
+
+    status_code = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    """The Content-Type is neither JSON nor multipart form data (or the file is not an image)."""
+
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class Unauthorized(ServiceError):
+    """An API key is configured and the request did not present it."""
+
+    status_code = 401
+    code = "unauthorized"
+
+    def __init__(self, message: str = "a valid API key is required (X-API-Key or Authorization: Bearer)") -> None:
+        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="mnist-serve"'})
+
+
+class ModelNotReady(ServiceError):
+    """The model is still loading (or failed to load, or the service is shutting down)."""
+
+    status_code = 503
+    code = "model_not_ready"
+
+    def __init__(self, message: str = "the model is not loaded yet", *, retry_after_s: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class Overloaded(ServiceError):
+    """The inference queue is full: the client should back off and retry."""
+
+    status_code = 503
+    code = "overloaded"
+
+    def __init__(self, message: str = "the inference queue is full, retry later", *, retry_after_s: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+#: Validation errors listed in an answer; a wholly wrong 28×28 array would otherwise list hundreds.
+MAX_DETAILS = 5
+
+
+def format_location(loc: Sequence[int | str]) -> str:
+    """``("body", "items", 3, "pixels", 0)`` → ``items[3].pixels[0]``."""
+    out = ""
+    for part in loc:
+        if part == "body" and not out:
+            continue
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "body"
+
+
+def validation_error(errors: Sequence[Mapping[str, Any]]) -> InvalidInput:
+    """One InvalidInput from pydantic/FastAPI validation errors; names the batch index of the first bad item."""
+    details = [{"loc": format_location(e.get("loc", ())), "msg": str(e.get("msg", ""))} for e in errors]
+    first = details[0] if details else {"loc": "body", "msg": "invalid request"}
+    index = None
+    for error in errors:
+        loc = [p for p in error.get("loc", ()) if p != "body"]
+        if len(loc) >= 2 and loc[0] == "items" and isinstance(loc[1], int):
+            index = loc[1]
+            break
+    more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
+    return InvalidInput(f"{first['loc']}: {first['msg']}{more}", index=index, details=details[:MAX_DETAILS])
+
+
+def error_response(error: ServiceError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers or None)
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_input",
+    429: "too_many_requests",
+    503: "unavailable",
+}
+
+
+async def _service_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    return error_response(exc)
+
+
+async def _request_validation(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return error_response(validation_error(exc.errors()))
+
+
+async def _pydantic_validation(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ValidationError)
+    return error_response(validation_error(exc.errors()))
+
+
+async def _http_exception(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    body = {"error": {"code": code, "message": str(exc.detail)}}
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    body = {"error": {"code": "internal_error", "message": "internal server error"}}
+    return JSONResponse(body, status_code=500)
+
+
+def register_error_handlers(app: FastAPI) -> None:
+    """Install the handlers that give every error the ``{"error": {"code", "message"}}`` shape."""
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _request_validation)
+    app.add_exception_handler(ValidationError, _pydantic_validation)
+    app.add_exception_handler(StarletteHTTPException, _http_exception)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,198 @@
+"""Request content → the model's input: float32 28×28 in 0..1, white ink on black, MNIST-centred.
+
+Images of any size or colour go through the same normalisation MNIST's digits went through: grayscale,
+inverted when dark-on-light (judged by the border), background levelled, cropped to the ink, fitted into a
+20×20 box keeping the aspect ratio, then placed in 28×28 so that the centre of mass sits where MNIST's does.
+Only numpy and Pillow are used (no scipy in the service).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import warnings
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from service.errors import InvalidInput, UnsupportedMediaType
+
+Scale = Literal["0-255", "0-1"]
+FloatImage = npt.NDArray[np.float32]
+
+SIZE = 28
+#: MNIST digits fit a 20×20 box …
+BOX = 20
+#: … whose centre of mass lies at (14, 14) in pixel-index coordinates (measured on the MNIST test set: 13.99, 14.00).
+CENTRE = 14.0
+#: Formats Pillow may open for us; anything else (EPS, PDF, ICNS…) is refused before decoding.
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")
+#: Large photos are reduced to this longest side before the numpy work: plenty for a 20×20 result.
+WORKING_SIDE = 512
+#: After levelling, a pixel counts as ink at this intensity (photos have sensor noise below it).
+INK_THRESHOLD = 0.2
+#: An image whose brightest ink, after levelling, is below this is considered empty.
+MIN_CONTRAST = 0.1
+
+
+def from_pixels(pixels: Sequence[Sequence[float]] | npt.ArrayLike, scale: Scale = "0-255") -> FloatImage:
+    """A 28×28 array of numbers on the given scale → float32 28×28 in 0..1, refusing NaN/Inf and out-of-range values."""
+    try:
+        x = np.asarray(pixels, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput("pixels must be a 28×28 array of numbers") from exc
+    if x.shape != (SIZE, SIZE):
+        raise InvalidInput(f"pixels must be 28×28, got shape {list(x.shape)}")
+    if not np.isfinite(x).all():
+        raise InvalidInput("pixels contain NaN or Infinity")
+    top = 255.0 if scale == "0-255" else 1.0
+    if x.min() < 0.0 or x.max() > top:
+        raise InvalidInput(f"pixels must lie in 0..{top:g} for scale {scale!r}, got {x.min():g}..{x.max():g}")
+    return (x / top).astype(np.float32)
+
+
+def decode_base64(data: str) -> bytes:
+    """Standard or URL-safe base64, with or without a ``data:image/...;base64,`` prefix."""
+    text = data.strip()
+    if text.startswith("data:"):
+        header, _, text = text.partition(",")
+        if ";base64" not in header:
+            raise InvalidInput("image_base64 data URL must be base64-encoded")
+    text = "".join(text.split())
+    text += "=" * (-len(text) % 4)
+    try:
+        return base64.b64decode(text.replace("-", "+").replace("_", "/"), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidInput("image_base64 is not valid base64") from exc
+
+
+def decode_image(data: bytes, max_pixels: int) -> FloatImage:
+    """PNG/JPEG/… bytes of any size or colour → float32 28×28 MNIST-form image.
+
+    The declared size is checked before any pixel is decoded, so a small file claiming a huge canvas (a
+    decompression bomb) is refused cheaply.
+    """
+    if not data:
+        raise InvalidInput("the image is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image: Image.Image = Image.open(io.BytesIO(data), formats=FORMATS)
+            width, height = image.size
+            if width < 1 or height < 1:
+                raise InvalidInput("the image has no pixels")
+            if width * height > max_pixels:
+                raise InvalidInput(
+                    f"the image is {width}×{height} = {width * height} pixels, more than the {max_pixels} allowed",
+                    code="image_too_large",
+                )
+            image.seek(0)  # first frame of an animation
+            if image.format == "JPEG":
+                # Let libjpeg decode at a reduced scale: far less work for big photos.
+                image.draft("L", (WORKING_SIDE, WORKING_SIDE))
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            gray = _to_ink_map(image)
+    except InvalidInput:
+        raise
+    except UnidentifiedImageError as exc:
+        raise InvalidInput(
+            f"the data is not an image in a supported format ({', '.join(FORMATS)})", code="undecodable_image"
+        ) from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidInput(f"the image is too large: {exc}", code="image_too_large") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # Pillow reports truncated or corrupt files through these.
+        raise InvalidInput(f"the image could not be decoded: {exc}", code="undecodable_image") from exc
+    return to_mnist(gray)
+
+
+def _to_ink_map(image: Image.Image) -> FloatImage:
+    """Grayscale float 0..1 at a working size; transparency-drawn images become their alpha (ink = opaque)."""
+    if max(image.size) > WORKING_SIDE:
+        image = image.copy()
+        image.thumbnail((WORKING_SIDE, WORKING_SIDE), Image.Resampling.BOX)
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        alpha = np.asarray(rgba.getchannel("A"), dtype=np.float32) / 255.0
+        if _border(alpha).mean() < 0.5:
+            # Strokes on a transparent canvas (what a drawing app exports): the alpha channel is the ink,
+            # whatever colour the strokes were painted in.
+            return alpha
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+
+
+def _border(x: FloatImage) -> FloatImage:
+    """The outermost ring of pixels (about 4 % of each side, at least one pixel)."""
+    h, w = x.shape
+    m = max(1, min(h, w) // 25)
+    return np.concatenate([x[:m].ravel(), x[-m:].ravel(), x[:, :m].ravel(), x[:, -m:].ravel()])
+
+
+def to_mnist(gray: FloatImage) -> FloatImage:
+    """Any-size grayscale in 0..1 → 28×28 white-on-black, fitted to 20×20 and centred by centre of mass."""
+    if gray.ndim != 2 or gray.size == 0:
+        raise InvalidInput("the image has no pixels")
+    if not np.isfinite(gray).all():
+        raise InvalidInput("the image contains NaN or Infinity")
+    x = gray.astype(np.float32, copy=True)
+    if np.median(_border(x)) > 0.5:
+        x = 1.0 - x  # dark ink on light paper
+    background = float(np.median(_border(x)))
+    peak = float(x.max())
+    if peak - background < MIN_CONTRAST:
+        raise InvalidInput("the image is blank: no digit found", code="empty_image")
+    x = np.clip((x - background) / (peak - background), 0.0, 1.0)
+    rows = np.flatnonzero((x >= INK_THRESHOLD).any(axis=1))
+    cols = np.flatnonzero((x >= INK_THRESHOLD).any(axis=0))
+    x = x[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    h, w = x.shape
+    scale = BOX / max(h, w)
+    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    if (new_h, new_w) != (h, w):
+        patch = Image.fromarray(x, mode="F").resize((new_w, new_h), Image.Resampling.LANCZOS)
+        x = np.clip(np.asarray(patch, dtype=np.float32), 0.0, 1.0)
+    return _place_by_centre_of_mass(x)
+
+
+def _place_by_centre_of_mass(patch: FloatImage) -> FloatImage:
+    h, w = patch.shape
+    mass = float(patch.sum())
+    cy = float((patch.sum(axis=1) * np.arange(h)).sum() / mass)
+    cx = float((patch.sum(axis=0) * np.arange(w)).sum() / mass)
+    top = int(np.clip(round(CENTRE - cy), 0, SIZE - h))
+    left = int(np.clip(round(CENTRE - cx), 0, SIZE - w))
+    out = np.zeros((SIZE, SIZE), dtype=np.float32)
+    out[top : top + h, left : left + w] = patch
+    return out
+
+
+def check_media_type(content_type: str | None) -> None:
+    """Uploaded files must say they are images (or say nothing useful, as some clients do)."""
+    kind = (content_type or "").split(";")[0].strip().lower()
+    if kind and not (kind.startswith("image/") or kind == "application/octet-stream"):
+        raise UnsupportedMediaType(f"the uploaded file must be an image, not {kind!r}")
+
+
+def to_uint8(image: FloatImage) -> npt.NDArray[np.uint8]:
+    """float 0..1 → uint8 0..255 (rounded)."""
+    return np.asarray(np.clip(np.rint(image * 255.0), 0, 255), dtype=np.uint8)
+
+
+def to_png_base64(image: FloatImage) -> str:
+    """The 28×28 image the model saw, as a base64 PNG (white ink on black, like MNIST)."""
+    buffer = io.BytesIO()
+    Image.fromarray(to_uint8(image), mode="L").save(buffer, format="PNG", optimize=True)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def as_model_input(images: Sequence[FloatImage]) -> FloatImage:
+    """A list of 28×28 images → float32 [N, 28, 28, 1]."""
+    return np.stack(images).astype(np.float32, copy=False)[..., np.newaxis]

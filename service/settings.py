@@ -1,0 +1,132 @@
+"""Service settings, read from ``MNIST_SERVE_*`` environment variables.
+
+    MNIST_SERVE_PORT=9000 MNIST_SERVE_API_KEY=... mnist-serve
+    mnist-serve --help                    # every setting with its default and meaning
+
+Every field refuses values that would make the service unsafe or useless (a zero-sized queue, a body limit
+of gigabytes, a model name that walks out of the model directory, a short API key).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "MNIST_SERVE_"
+
+#: The repository (or installed package parent) root: where ``models/`` lives in a checkout.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
+
+#: Shortest accepted API key: anything shorter is guessable.
+MIN_API_KEY_LENGTH = 16
+
+
+class Settings(BaseSettings):
+    """Everything the service can be told; each field maps to ``MNIST_SERVE_<FIELD>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="ignore",
+        use_attribute_docstrings=True,
+        protected_namespaces=(),
+        frozen=True,
+    )
+
+    model_dir: Path = Path("models")
+    """Directory holding <model_name>.onnx and its model card <model_name>.json (relative: cwd, then the project)."""
+
+    model_name: str = Field(default="mnist-cnn", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    """File stem of the model to serve inside model_dir."""
+
+    host: str = Field(default="127.0.0.1", min_length=1)
+    """Interface to listen on; 0.0.0.0 only inside a container or behind a proxy."""
+
+    port: int = Field(default=8000, ge=1, le=65535)
+    """TCP port to listen on."""
+
+    log_level: LogLevel = "info"
+    """Log level for the service and uvicorn."""
+
+    access_log: bool = True
+    """Log one line per request (uvicorn's access log)."""
+
+    api_key: SecretStr | None = None
+    """When set (at least 16 characters), predict endpoints require it in X-API-Key or Authorization: Bearer."""
+
+    batching: bool = True
+    """Gather concurrent requests into one model run; false runs each request on its own."""
+
+    max_batch_size: int = Field(default=64, ge=1, le=4096)
+    """Most images one micro-batch gathers before it runs."""
+
+    max_wait_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
+    """Longest a request waits for others to join its micro-batch, in milliseconds."""
+
+    queue_size: int = Field(default=1024, ge=1, le=1_000_000)
+    """Most requests waiting for the model; beyond it the service answers 503 with Retry-After."""
+
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    """Largest request body accepted, in bytes; larger bodies get 413 before they are read."""
+
+    max_batch_items: int = Field(default=1024, ge=1, le=65536)
+    """Most items one /v1/predict/batch request may carry."""
+
+    max_image_pixels: int = Field(default=4096 * 4096, ge=28 * 28, le=100_000_000)
+    """Largest decoded image (width × height) accepted; guards against decompression bombs."""
+
+    intra_op_threads: int = Field(default=1, ge=0, le=256)
+    """onnxruntime threads inside one operator (0: one per core)."""
+
+    inter_op_threads: int = Field(default=1, ge=0, le=256)
+    """onnxruntime threads across operators (0: one per core)."""
+
+    workers: int = Field(default=1, ge=1, le=64)
+    """uvicorn worker processes, each with its own model, batcher and metrics."""
+
+    shutdown_timeout_s: float = Field(default=10.0, gt=0.0, le=600.0)
+    """On SIGTERM, how long in-flight requests get to finish before they are cancelled, in seconds."""
+
+    web_dir: Path | None = None
+    """Static web page served at / (default: service/web when it holds an index.html)."""
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_unset(cls, value: object) -> object:
+        # An empty variable (e.g. `MNIST_SERVE_API_KEY=${KEY:-}` in compose) means "no key", not "the empty key".
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_API_KEY_LENGTH:
+            raise ValueError(f"api_key must be at least {MIN_API_KEY_LENGTH} characters")
+        return value
+
+    def resolved_model_dir(self) -> Path:
+        """model_dir as an absolute path: as given when absolute or present in cwd, else under the project root."""
+        if self.model_dir.is_absolute() or self.model_dir.exists():
+            return self.model_dir.resolve()
+        candidate = PROJECT_ROOT / self.model_dir
+        return candidate if candidate.exists() else self.model_dir.resolve()
+
+    def resolved_web_dir(self) -> Path | None:
+        """The directory to serve at /, or None when there is no page to serve."""
+        web = self.web_dir if self.web_dir is not None else Path(__file__).resolve().parent / "web"
+        return web if (web / "index.html").is_file() else None
+
+
+def describe_settings() -> str:
+    """A plain-text table of every setting: environment variable, default, meaning (for --help and the docs)."""
+    lines = []
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = "unset" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+        lines.append(f"  {ENV_PREFIX}{name.upper():<20} {shown:<12} {field.description or ''}")
+    return "\n".join(lines)
