@@ -1,0 +1,40 @@
+"""Liveness, readiness and the model listing. None of these need the API key."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from service.deps import StateDep
+from service.errors import ModelNotReady, ServiceError, error_response
+from service.schemas import Health, ModelInfo, ModelRef, ModelsResponse, error_responses
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health, response_model_exclude_none=True, responses=error_responses(503))
+async def healthz(state: StateDep) -> Health | JSONResponse:
+    """Alive: the process answers. 503 only when the model failed to load (restarting is the cure)."""
+    if state.load_error is not None:
+        return error_response(ServiceError(f"the model failed to load: {state.load_error}", code="model_load_failed"))
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Health, response_model_exclude_none=True, responses=error_responses(503))
+async def readyz(state: StateDep) -> Health | JSONResponse:
+    """Ready: the model is loaded and warmed up and the batcher runs; else 503 with Retry-After."""
+    if state.load_error is not None:
+        return error_response(ModelNotReady(f"the model failed to load: {state.load_error}", retry_after_s=30))
+    if not state.ready or state.classifier is None:
+        message = "shutting down" if state.stopping else "the model is not loaded yet"
+        return error_response(ModelNotReady(message))
+    return Health(status="ready", model=ModelRef(name=state.classifier.name, version=state.classifier.version))
+
+
+@router.get("/v1/models", response_model=ModelsResponse, tags=["models"])
+async def list_models(state: StateDep) -> ModelsResponse:
+    """The models this instance serves: name, version, tensors, and the test accuracy from the model card."""
+    if state.classifier is None:
+        return ModelsResponse(models=[])
+    info = ModelInfo.model_validate({**state.classifier.describe(), "ready": state.ready})
+    return ModelsResponse(models=[info])

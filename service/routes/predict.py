@@ -1,0 +1,245 @@
+"""``POST /v1/predict`` and ``POST /v1/predict/batch``.
+
+Both take JSON (``pixels`` or ``image_base64`` items) or multipart form data (a ``file`` field; several for the
+batch). The body is read by hand rather than declared as a parameter so that one path can accept both media
+types; the OpenAPI description of both bodies is added in ``openapi_extra``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, Field, ValidationError
+from starlette.datastructures import UploadFile
+
+from service.deps import ReadyModel, ReadyModelDep, require_api_key
+from service.errors import InvalidInput, PayloadTooLarge, ServiceError, UnsupportedMediaType, validation_error
+from service.model import FloatArray
+from service.preprocess import (
+    as_model_input,
+    check_media_type,
+    decode_base64,
+    decode_image,
+    from_pixels,
+    to_mnist,
+    to_png_base64,
+    to_uint8,
+)
+from service.schemas import (
+    BatchRequest,
+    BatchResponse,
+    Candidate,
+    ModelRef,
+    Prediction,
+    PredictItem,
+    PredictRequest,
+    PredictResponse,
+    SeenImage,
+    error_responses,
+)
+from service.settings import Settings
+
+router = APIRouter(prefix="/v1", tags=["predict"], dependencies=[Depends(require_api_key)])
+
+JSON = "application/json"
+MULTIPART = "multipart/form-data"
+#: Probabilities are answered to this many decimals: float32 carries no more that matters.
+DECIMALS = 6
+
+TopKQuery = Annotated[int | None, Query(ge=1, le=10, description="Also answer the k most likely digits.")]
+ReturnImageQuery = Annotated[bool | None, Query(description="Also answer the 28×28 image the model saw.")]
+
+
+def _body_doc(json_schema: str, multipart_doc: str, many: bool) -> dict[str, Any]:
+    file_schema: dict[str, Any] = {"type": "string", "format": "binary"}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                JSON: {"schema": {"$ref": f"#/components/schemas/{json_schema}"}},
+                MULTIPART: {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {
+                            "file": {"type": "array", "items": file_schema} if many else file_schema,
+                            "top_k": {"type": "integer", "minimum": 1, "maximum": 10},
+                            "return_image": {"type": "boolean"},
+                        },
+                        "description": multipart_doc,
+                    }
+                },
+            },
+        }
+    }
+
+
+class _FormOptions(BaseModel):
+    top_k: Annotated[int, Field(ge=1, le=10)] | None = None
+    return_image: bool | None = None
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _parse(model: type[Any], body: bytes) -> Any:
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise validation_error(exc.errors(include_url=False)) from None
+
+
+def _item_image(item: PredictItem, settings: Settings) -> FloatArray:
+    if item.pixels is not None:
+        image = from_pixels(item.pixels, item.scale)
+        return to_mnist(image) if item.normalize else image
+    assert item.image_base64 is not None
+    return decode_image(decode_base64(item.image_base64), settings.max_image_pixels)
+
+
+def _items_images(items: Sequence[PredictItem], settings: Settings, indexed: bool) -> list[FloatArray]:
+    images = []
+    for index, item in enumerate(items):
+        try:
+            images.append(_item_image(item, settings))
+        except ServiceError as exc:
+            raise (exc.at_index(index) if indexed else exc) from None
+    return images
+
+
+async def _preprocess(items: Sequence[PredictItem], settings: Settings, indexed: bool = True) -> list[FloatArray]:
+    # Decoding images is CPU work measured in milliseconds: keep it off the event loop. Pixel arrays are cheap.
+    if any(item.image_base64 is not None for item in items):
+        return await asyncio.to_thread(_items_images, items, settings, indexed)
+    return _items_images(items, settings, indexed)
+
+
+async def _form_files(request: Request, settings: Settings, max_files: int) -> tuple[list[bytes], _FormOptions]:
+    async with request.form(max_files=max_files, max_fields=16) as form:
+        uploads = [f for f in form.getlist("file") if isinstance(f, UploadFile)]
+        if not uploads:
+            raise InvalidInput("the multipart body needs an image in a field named 'file'")
+        if len(uploads) > settings.max_batch_items:
+            raise _too_many(len(uploads), settings)
+        for upload in uploads:
+            check_media_type(upload.content_type)
+        payloads = [await upload.read() for upload in uploads]
+        try:
+            options = _FormOptions.model_validate(
+                {k: v for k, v in form.items() if k in ("top_k", "return_image") and isinstance(v, str)}
+            )
+        except ValidationError as exc:
+            raise validation_error(exc.errors(include_url=False)) from None
+    return payloads, options
+
+
+def _decode_uploads(payloads: Sequence[bytes], settings: Settings) -> list[FloatArray]:
+    images = []
+    for index, data in enumerate(payloads):
+        try:
+            images.append(decode_image(data, settings.max_image_pixels))
+        except ServiceError as exc:
+            raise (exc.at_index(index) if len(payloads) > 1 else exc) from None
+    return images
+
+
+def _too_many(count: int, settings: Settings) -> ServiceError:
+    return PayloadTooLarge(
+        f"{count} items is more than the {settings.max_batch_items} one batch may carry", code="too_many_items"
+    )
+
+
+def _prediction(probs: np.ndarray, image: FloatArray, top_k: int | None, return_image: bool) -> Prediction:
+    digit = int(np.argmax(probs))
+    rounded = [round(float(p), DECIMALS) for p in probs]
+    prediction = Prediction(digit=digit, confidence=rounded[digit], probabilities=rounded)
+    if top_k:
+        order = np.argsort(-probs, kind="stable")[:top_k]
+        prediction.top_k = [Candidate(digit=int(d), probability=rounded[int(d)]) for d in order]
+    if return_image:
+        prediction.image = SeenImage(pixels=to_uint8(image).tolist(), png_base64=to_png_base64(image))
+    return prediction
+
+
+async def _classify(
+    model: ReadyModel, images: list[FloatArray], top_k: int | None, return_image: bool
+) -> list[Prediction]:
+    probs = await model.runner.predict(as_model_input(images))
+    return [_prediction(p, image, top_k, return_image) for p, image in zip(probs, images, strict=True)]
+
+
+def _model_ref(model: ReadyModel) -> ModelRef:
+    return ModelRef(name=model.classifier.name, version=model.classifier.version)
+
+
+def _pick(body_value: Any, query_value: Any) -> Any:
+    return body_value if body_value is not None else query_value
+
+
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    response_model_exclude_none=True,
+    summary="Classify one digit",
+    responses=error_responses(401, 413, 415, 422, 503),
+    openapi_extra=_body_doc("PredictRequest", "One image file in the field `file`.", many=False),
+)
+async def predict(
+    request: Request, model: ReadyModelDep, top_k: TopKQuery = None, return_image: ReturnImageQuery = None
+) -> PredictResponse:
+    """One digit as JSON `pixels` (28×28, scale 0-255 or 0-1), JSON `image_base64`, or a multipart `file` upload.
+
+    Images of any size or colour are normalised like MNIST (grayscale, inverted when dark-on-light, cropped to
+    the ink, fitted into 20×20, centred by centre of mass). Body fields override query parameters.
+    """
+    kind = _media_type(request)
+    if kind == JSON:
+        body: PredictRequest = _parse(PredictRequest, await request.body())
+        images = await _preprocess([body], model.settings, indexed=False)
+        top_k, return_image = _pick(body.top_k, top_k), _pick(body.return_image, return_image)
+    elif kind == MULTIPART:
+        payloads, options = await _form_files(request, model.settings, max_files=1)
+        images = await asyncio.to_thread(_decode_uploads, payloads, model.settings)
+        top_k, return_image = _pick(options.top_k, top_k), _pick(options.return_image, return_image)
+    else:
+        raise UnsupportedMediaType(f"send {JSON} or {MULTIPART}, not {kind or 'no content type'!r}")
+    (prediction,) = await _classify(model, images, top_k, bool(return_image))
+    return PredictResponse(**prediction.model_dump(exclude_none=True), model=_model_ref(model))
+
+
+@router.post(
+    "/predict/batch",
+    response_model=BatchResponse,
+    response_model_exclude_none=True,
+    summary="Classify many digits in one request",
+    responses=error_responses(401, 413, 415, 422, 503),
+    openapi_extra=_body_doc("BatchRequest", "Image files, each in a field named `file`, answered in order.", many=True),
+)
+async def predict_batch(
+    request: Request, model: ReadyModelDep, top_k: TopKQuery = None, return_image: ReturnImageQuery = None
+) -> BatchResponse:
+    """Up to `MNIST_SERVE_MAX_BATCH_ITEMS` digits, answered in request order, in as few model runs as possible.
+
+    A bad item fails the whole request with 422; the error's `index` (and message) names the item.
+    """
+    settings = model.settings
+    kind = _media_type(request)
+    if kind == JSON:
+        body: BatchRequest = _parse(BatchRequest, await request.body())
+        if len(body.items) > settings.max_batch_items:
+            raise _too_many(len(body.items), settings)
+        images = await _preprocess(body.items, settings)
+        top_k, return_image = _pick(body.top_k, top_k), _pick(body.return_image, return_image)
+    elif kind == MULTIPART:
+        payloads, options = await _form_files(request, settings, max_files=settings.max_batch_items)
+        images = await asyncio.to_thread(_decode_uploads, payloads, settings)
+        top_k, return_image = _pick(options.top_k, top_k), _pick(options.return_image, return_image)
+    else:
+        raise UnsupportedMediaType(f"send {JSON} or {MULTIPART}, not {kind or 'no content type'!r}")
+    predictions = await _classify(model, images, top_k, bool(return_image))
+    return BatchResponse(predictions=predictions, model=_model_ref(model))
