@@ -117,6 +117,8 @@ function useSource(next) {
   const isFile = next.kind === "file";
   els.dropZone.classList.toggle("has-file", isFile);
   els.preview.hidden = !isFile;
+  // The pad stays as drawn but steps back while a photo is what Predict sends.
+  els.pad.parentElement.classList.toggle("inactive", isFile);
   els.fileName.textContent = isFile ? next.file.name || "pasted image" : "";
   if (!isFile) els.fileInput.value = "";
 }
