@@ -71,7 +71,11 @@ els.pad.addEventListener("pointerdown", (event) => {
   clearTimeout(predictTimer);
   activePointer = event.pointerId;
   els.pad.setPointerCapture(event.pointerId);
-  if (source.kind !== "pad") useSource({ kind: "pad" });
+  if (source.kind !== "pad") {
+    // Drawing after a photo starts a new digit: the dimmed old drawing is not part of it.
+    resetPad();
+    useSource({ kind: "pad" });
+  }
   lastPoint = null;
   strokeTo(padPoint(event));
   padHasInk = true;
