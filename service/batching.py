@@ -91,15 +91,17 @@ class MicroBatcher:
         self._metrics = metrics
         self._queue: asyncio.Queue[_Job | object] | None = None
         self._carry: _Job | None = None
+        self._gathering = 0  # jobs taken off the queue for the batch being formed, not yet running
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._accepting = False
 
     @property
     def queue_depth(self) -> int:
+        """Requests admitted and not yet running: queued, or gathered into a batch that has not started."""
         if self._queue is None:
             return 0
-        return self._queue.qsize() + (self._carry is not None)
+        return self._queue.qsize() + (self._carry is not None) + self._gathering
 
     async def start(self) -> None:
         if self._task is not None:
@@ -161,6 +163,7 @@ class MicroBatcher:
                 return
             assert isinstance(first, _Job)
             jobs, rows = [first], len(first.images)
+            self._gathering = 1
             deadline = loop.time() + self.max_wait_s
             while rows < self.max_batch_size:
                 try:
@@ -182,6 +185,8 @@ class MicroBatcher:
                     break
                 jobs.append(item)
                 rows += len(item.images)
+                self._gathering = len(jobs)
+            self._gathering = 0
             self._report_depth()
             await self._run(jobs)
             if stopping and self._carry is not None:

@@ -13,7 +13,7 @@ from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from service.batching import InferenceRunner
-from service.errors import ModelNotReady, Unauthorized
+from service.errors import ModelLoadFailed, ModelNotReady, Unauthorized
 from service.metrics import ServiceMetrics
 from service.model import OnnxClassifier
 from service.settings import Settings
@@ -57,7 +57,7 @@ StateDep = Annotated[ServiceState, Depends(get_state)]
 
 def get_ready_model(state: StateDep) -> ReadyModel:
     if state.load_error is not None:
-        raise ModelNotReady(f"the model failed to load: {state.load_error}", retry_after_s=30)
+        raise ModelLoadFailed(state.load_error)
     if not state.ready or state.classifier is None or state.runner is None:
         raise ModelNotReady()
     return ReadyModel(state.classifier, state.runner, state.settings)

@@ -98,6 +98,15 @@ class ModelNotReady(ServiceError):
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
 
+class ModelLoadFailed(ModelNotReady):
+    """The model could not be loaded; the process will not become ready by itself (restart it)."""
+
+    code = "model_load_failed"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the model failed to load: {reason}", retry_after_s=30)
+
+
 class Overloaded(ServiceError):
     """The inference queue is full: the client should back off and retry."""
 

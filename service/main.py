@@ -20,8 +20,10 @@ import contextlib
 import copy
 import importlib.metadata
 import logging
+import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
+from types import FrameType
 from typing import Any
 
 from fastapi import FastAPI
@@ -184,7 +186,11 @@ def create_app(
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
     _install_openapi(app, [PredictRequest, BatchRequest])
-    known_paths = {getattr(route, "path", "") for route in app.routes}
+    known_paths = {
+        path
+        for route in (*app.routes, *health.router.routes, *predict.router.routes)
+        if isinstance(path := getattr(route, "path", None), str)
+    }
     # Hook for the web page: static files in service/web (or MNIST_SERVE_WEB_DIR), registered after the API
     # routes so that those always win.
     web_dir = settings.resolved_web_dir()
@@ -209,6 +215,22 @@ def _log_config(level: str) -> dict[str, Any]:
     return config
 
 
+def _stop(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
+def _exit_zero_on_stop_signals() -> None:
+    """Make SIGTERM/SIGINT end the process with status 0 once uvicorn has shut down gracefully.
+
+    uvicorn installs its own handlers while it serves (stop accepting, finish in-flight requests, run the lifespan
+    shutdown that drains the batcher), then restores the previous handlers and re-raises the signal so the
+    default action happens. The default for SIGTERM is death by signal (status -15), which process managers
+    report as a crash; the shutdown was orderly, so the handler found then exits with 0.
+    """
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stop)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``mnist-serve``: serve the model over HTTP with uvicorn (settings from MNIST_SERVE_* variables)."""
     parser = argparse.ArgumentParser(
@@ -231,6 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import uvicorn
 
+    _exit_zero_on_stop_signals()
     level = "debug" if settings.log_level == "trace" else settings.log_level
     uvicorn.run(
         "service.main:app_from_env",

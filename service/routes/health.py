@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from service.deps import StateDep
-from service.errors import ModelNotReady, ServiceError, error_response
+from service.errors import ModelLoadFailed, ModelNotReady, error_response
 from service.schemas import Health, ModelInfo, ModelRef, ModelsResponse, error_responses
 
 router = APIRouter(tags=["health"])
@@ -16,7 +16,7 @@ router = APIRouter(tags=["health"])
 async def healthz(state: StateDep) -> Health | JSONResponse:
     """Alive: the process answers. 503 only when the model failed to load (restarting is the cure)."""
     if state.load_error is not None:
-        return error_response(ServiceError(f"the model failed to load: {state.load_error}", code="model_load_failed"))
+        return error_response(ModelLoadFailed(state.load_error))
     return Health(status="ok")
 
 
@@ -24,7 +24,7 @@ async def healthz(state: StateDep) -> Health | JSONResponse:
 async def readyz(state: StateDep) -> Health | JSONResponse:
     """Ready: the model is loaded and warmed up and the batcher runs; else 503 with Retry-After."""
     if state.load_error is not None:
-        return error_response(ModelNotReady(f"the model failed to load: {state.load_error}", retry_after_s=30))
+        return error_response(ModelLoadFailed(state.load_error))
     if not state.ready or state.classifier is None:
         message = "shutting down" if state.stopping else "the model is not loaded yet"
         return error_response(ModelNotReady(message))
