@@ -35,6 +35,8 @@ class TrainConfig:
     shift_fraction: float = 0.1
     zoom_fraction: float = 0.1
     early_stopping_patience: int = 0
+    reduce_lr_patience: int = 0
+    """Halve the learning rate when validation loss stalls this many epochs; 0 keeps the schedule as is."""
     """Stop when validation loss has not improved for this many epochs; 0 runs the full schedule."""
     seed: int = 42
     smoke: bool = False
@@ -52,7 +54,7 @@ class TrainConfig:
             base = dict(
                 model="seed", epochs=30, batch_size=64, learning_rate=1e-3, warmup_fraction=0.0,
                 weight_decay=0.0, label_smoothing=0.0, validation_split=0.2, augment=False,
-                early_stopping_patience=3,
+                early_stopping_patience=5, reduce_lr_patience=2,
             )
         else:
             base = dict(model="cnn")

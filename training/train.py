@@ -127,6 +127,9 @@ def train(config: TrainConfig, out_dir: Path, data_dir: Path | None = None, verb
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=config.early_stopping_patience, restore_best_weights=True, verbose=1))
 
+    if config.reduce_lr_patience:
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=0.5, patience=config.reduce_lr_patience, min_lr=1e-5, verbose=1))
     print(f"training {config.model} ({model.count_params():,} parameters) on {len(split.x_train):,} images, "
           f"validating on {len(split.x_val):,}, {config.epochs} epochs", flush=True)
     start = time.perf_counter()
