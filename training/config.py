@@ -35,9 +35,9 @@ class TrainConfig:
     shift_fraction: float = 0.1
     zoom_fraction: float = 0.1
     early_stopping_patience: int = 0
+    """Stop when validation loss has not improved for this many epochs; 0 runs the full schedule."""
     reduce_lr_patience: int = 0
     """Halve the learning rate when validation loss stalls this many epochs; 0 keeps the schedule as is."""
-    """Stop when validation loss has not improved for this many epochs; 0 runs the full schedule."""
     seed: int = 42
     smoke: bool = False
     """Train on a small subset (CI and quick checks), not the full data."""
