@@ -21,21 +21,31 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	$(PIP) -e '.[dev]'
 	touch $@ $(VENV)/.serve
 
+# checkov (tests/deploy) gets its own environment: it pins packaging<24, networkx<2.7, boto3==... which would
+# fight TensorFlow's requirements in .venv.
+CHECKOV_VERSION := 3.3.30
+CHECKOV_VENV    := .venv-checkov
+$(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION):
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet --disable-pip-version-check 'checkov==$(CHECKOV_VERSION)'
+	touch $@
+
 ## run: serve the committed model on http://$(HOST):$(PORT)
 run: $(VENV)/.serve
 	MNIST_SERVE_HOST=$(HOST) MNIST_SERVE_PORT=$(PORT) $(BIN)/mnist-serve
 
 ## test: the default suite (fast; no full training, no containers)
-test: $(VENV)/.dev
+test: $(VENV)/.dev $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION)
 	$(BIN)/python -m pytest -m "not slow and not containers"
 
 ## test-slow: long-running tests (soak, full-data checks)
 test-slow: $(VENV)/.dev
 	$(BIN)/python -m pytest -m "slow and not containers"
 
-## test-containers: build the image, docker compose up, predict, tear down
+## test-containers: build the image, docker compose up, predict, check Prometheus, tear down
+## (installs podman through ../shared/container/setup when no engine is found)
 test-containers: $(VENV)/.dev
-	$(BIN)/python -m pytest -m containers
+	$(BIN)/python -m pytest tests/deploy -m containers
 
 ## train: train the shipped CNN (full schedule), evaluate it, export models/mnist-cnn.onnx + card
 train: $(VENV)/.dev

