@@ -386,6 +386,38 @@ def test_dropping_a_jpeg_on_the_drop_zone_predicts_it(
     assert not page.errors
 
 
+def test_the_page_works_under_a_strict_content_security_policy(
+    browser: Any, server: Any, mnist_test: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """No inline script or style, no data: or blob: URLs: the service may send a strict CSP without breaking it."""
+    images, labels = mnist_test
+    policy = "default-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+    context = browser.new_context(reduced_motion="reduce")
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    violations: list[str] = []
+    page.on("console", lambda message: violations.append(message.text) if "Content Security" in message.text else None)
+
+    def with_policy(route: Any) -> None:
+        response = route.fetch()
+        route.fulfill(response=response, headers={**response.headers, "content-security-policy": policy})
+
+    page.route(server.url + "/", with_policy)
+    try:
+        page.goto(server.url + "/")
+        page.wait_for_selector("html[data-ready='true']")
+        page.set_input_files(
+            "#file-input",
+            files=[{"name": "digit.png", "mimeType": "image/png", "buffer": photo_of(images[UPLOADED[0]])}],
+        )
+        wait_for_answer(page)
+        assert_full_answer(page, int(labels[UPLOADED[0]]))
+        assert page.locator("#upload-preview").is_visible()
+        assert not violations, violations
+    finally:
+        context.close()
+
+
 def test_a_file_that_is_not_an_image_shows_the_services_error(page: PageWatch) -> None:
     p = page.page
     with p.expect_response("**/v1/predict") as response:
