@@ -1,6 +1,8 @@
 """What the routes receive: the per-app state (settings, model, runner, metrics) and the API-key check.
 
 Nothing here is global: every object hangs off ``app.state.service``, put there by ``create_app``.
+The dependencies are ``async def`` although they never await: FastAPI runs a plain ``def`` dependency in its
+thread pool, and three thread hops per request cost more than the model run itself.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class ReadyModel:
     settings: Settings
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
     state: ServiceState = request.app.state.service
     return state
 
@@ -55,7 +57,7 @@ def get_state(request: Request) -> ServiceState:
 StateDep = Annotated[ServiceState, Depends(get_state)]
 
 
-def get_ready_model(state: StateDep) -> ReadyModel:
+async def get_ready_model(state: StateDep) -> ReadyModel:
     if state.load_error is not None:
         raise ModelLoadFailed(state.load_error)
     if not state.ready or state.classifier is None or state.runner is None:
@@ -69,7 +71,7 @@ _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="
 _bearer = HTTPBearer(auto_error=False, description="The API key as a bearer token, when one is set.")
 
 
-def require_api_key(
+async def require_api_key(
     state: StateDep,
     api_key: Annotated[str | None, Security(_api_key_header)],
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
