@@ -2,7 +2,8 @@
 
 Both take JSON (``pixels`` or ``image_base64`` items) or multipart form data (a ``file`` field; several for the
 batch). The body is read by hand rather than declared as a parameter so that one path can accept both media
-types; the OpenAPI description of both bodies is added in ``openapi_extra``.
+types; the OpenAPI description of both bodies is added in ``openapi_extra``. JSON goes in and out through
+:mod:`service.codec` (orjson and numpy); the declared response models document the answers.
 """
 
 from __future__ import annotations
@@ -11,44 +12,23 @@ import asyncio
 from collections.abc import Sequence
 from typing import Annotated, Any
 
-import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response
 from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 
+from service.codec import Item, encode, item_image, parse_batch, parse_predict, predictions, too_many_items
 from service.deps import ReadyModel, ReadyModelDep, require_api_key
-from service.errors import InvalidInput, PayloadTooLarge, ServiceError, UnsupportedMediaType, validation_error
+from service.errors import InvalidInput, ServiceError, UnsupportedMediaType, validation_error
 from service.model import FloatArray
-from service.preprocess import (
-    as_model_input,
-    check_media_type,
-    decode_base64,
-    decode_image,
-    from_pixels,
-    to_mnist,
-    to_png_base64,
-    to_uint8,
-)
-from service.schemas import (
-    BatchRequest,
-    BatchResponse,
-    Candidate,
-    ModelRef,
-    Prediction,
-    PredictItem,
-    PredictRequest,
-    PredictResponse,
-    SeenImage,
-    error_responses,
-)
+from service.preprocess import as_model_input, check_media_type, decode_base64, decode_image
+from service.schemas import BatchResponse, PredictResponse, error_responses
 from service.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["predict"], dependencies=[Depends(require_api_key)])
 
 JSON = "application/json"
 MULTIPART = "multipart/form-data"
-#: Probabilities are answered to this many decimals: float32 carries no more that matters.
-DECIMALS = 6
 
 TopKQuery = Annotated[int | None, Query(ge=1, le=10, description="Also answer the k most likely digits.")]
 ReturnImageQuery = Annotated[bool | None, Query(description="Also answer the 28×28 image the model saw.")]
@@ -87,22 +67,15 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-def _parse(model: type[Any], body: bytes) -> Any:
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as exc:
-        raise validation_error(exc.errors(include_url=False)) from None
-
-
-def _item_image(item: PredictItem, settings: Settings) -> FloatArray:
-    if item.pixels is not None:
-        image = from_pixels(item.pixels, item.scale)
-        return to_mnist(image) if item.normalize else image
+def _item_image(item: Item, settings: Settings) -> FloatArray:
+    image = item_image(item)
+    if image is not None:
+        return image
     assert item.image_base64 is not None
     return decode_image(decode_base64(item.image_base64), settings.max_image_pixels)
 
 
-def _items_images(items: Sequence[PredictItem], settings: Settings, indexed: bool) -> list[FloatArray]:
+def _items_images(items: Sequence[Item], settings: Settings, indexed: bool) -> list[FloatArray]:
     images = []
     for index, item in enumerate(items):
         try:
@@ -112,7 +85,7 @@ def _items_images(items: Sequence[PredictItem], settings: Settings, indexed: boo
     return images
 
 
-async def _preprocess(items: Sequence[PredictItem], settings: Settings, indexed: bool = True) -> list[FloatArray]:
+async def _preprocess(items: Sequence[Item], settings: Settings, indexed: bool = True) -> list[FloatArray]:
     # Decoding images is CPU work measured in milliseconds: keep it off the event loop. Pixel arrays are cheap.
     if any(item.image_base64 is not None for item in items):
         return await asyncio.to_thread(_items_images, items, settings, indexed)
@@ -125,7 +98,7 @@ async def _form_files(request: Request, settings: Settings, max_files: int) -> t
         if not uploads:
             raise InvalidInput("the multipart body needs an image in a field named 'file'")
         if len(uploads) > settings.max_batch_items:
-            raise _too_many(len(uploads), settings)
+            raise too_many_items(len(uploads), settings.max_batch_items)
         for upload in uploads:
             check_media_type(upload.content_type)
         payloads = [await upload.read() for upload in uploads]
@@ -148,37 +121,36 @@ def _decode_uploads(payloads: Sequence[bytes], settings: Settings) -> list[Float
     return images
 
 
-def _too_many(count: int, settings: Settings) -> ServiceError:
-    return PayloadTooLarge(
-        f"{count} items is more than the {settings.max_batch_items} one batch may carry", code="too_many_items"
-    )
-
-
-def _prediction(probs: np.ndarray, image: FloatArray, top_k: int | None, return_image: bool) -> Prediction:
-    digit = int(np.argmax(probs))
-    rounded = [round(float(p), DECIMALS) for p in probs]
-    prediction = Prediction(digit=digit, confidence=rounded[digit], probabilities=rounded)
-    if top_k:
-        order = np.argsort(-probs, kind="stable")[:top_k]
-        prediction.top_k = [Candidate(digit=int(d), probability=rounded[int(d)]) for d in order]
-    if return_image:
-        prediction.image = SeenImage(pixels=to_uint8(image).tolist(), png_base64=to_png_base64(image))
-    return prediction
-
-
 async def _classify(
     model: ReadyModel, images: list[FloatArray], top_k: int | None, return_image: bool
-) -> list[Prediction]:
+) -> list[dict[str, Any]]:
     probs = await model.runner.predict(as_model_input(images))
-    return [_prediction(p, image, top_k, return_image) for p, image in zip(probs, images, strict=True)]
+    return predictions(probs, images, top_k, return_image)
 
 
-def _model_ref(model: ReadyModel) -> ModelRef:
-    return ModelRef(name=model.classifier.name, version=model.classifier.version)
+def _model_ref(model: ReadyModel) -> dict[str, str]:
+    return {"name": model.classifier.name, "version": model.classifier.version}
 
 
 def _pick(body_value: Any, query_value: Any) -> Any:
     return body_value if body_value is not None else query_value
+
+
+async def _read_items(
+    request: Request, settings: Settings, batch: bool
+) -> tuple[list[FloatArray], int | None, bool | None]:
+    """The images of a JSON or multipart body, with the top_k / return_image the body names."""
+    kind = _media_type(request)
+    if kind == JSON:
+        body = await request.body()
+        parsed = parse_batch(body, settings.max_batch_items) if batch else parse_predict(body)
+        images = await _preprocess(parsed.items, settings, indexed=batch)
+        return images, parsed.top_k, parsed.return_image
+    if kind == MULTIPART:
+        payloads, options = await _form_files(request, settings, max_files=settings.max_batch_items if batch else 1)
+        images = await asyncio.to_thread(_decode_uploads, payloads, settings)
+        return images, options.top_k, options.return_image
+    raise UnsupportedMediaType(f"send {JSON} or {MULTIPART}, not {kind or 'no content type'!r}")
 
 
 @router.post(
@@ -191,25 +163,16 @@ def _pick(body_value: Any, query_value: Any) -> Any:
 )
 async def predict(
     request: Request, model: ReadyModelDep, top_k: TopKQuery = None, return_image: ReturnImageQuery = None
-) -> PredictResponse:
+) -> Response:
     """One digit as JSON `pixels` (28×28, scale 0-255 or 0-1), JSON `image_base64`, or a multipart `file` upload.
 
     Images of any size or colour are normalised like MNIST (grayscale, inverted when dark-on-light, cropped to
     the ink, fitted into 20×20, centred by centre of mass). Body fields override query parameters.
     """
-    kind = _media_type(request)
-    if kind == JSON:
-        body: PredictRequest = _parse(PredictRequest, await request.body())
-        images = await _preprocess([body], model.settings, indexed=False)
-        top_k, return_image = _pick(body.top_k, top_k), _pick(body.return_image, return_image)
-    elif kind == MULTIPART:
-        payloads, options = await _form_files(request, model.settings, max_files=1)
-        images = await asyncio.to_thread(_decode_uploads, payloads, model.settings)
-        top_k, return_image = _pick(options.top_k, top_k), _pick(options.return_image, return_image)
-    else:
-        raise UnsupportedMediaType(f"send {JSON} or {MULTIPART}, not {kind or 'no content type'!r}")
+    images, body_top_k, body_return_image = await _read_items(request, model.settings, batch=False)
+    top_k, return_image = _pick(body_top_k, top_k), _pick(body_return_image, return_image)
     (prediction,) = await _classify(model, images, top_k, bool(return_image))
-    return PredictResponse(**prediction.model_dump(exclude_none=True), model=_model_ref(model))
+    return Response(encode({**prediction, "model": _model_ref(model)}), media_type=JSON)
 
 
 @router.post(
@@ -222,24 +185,12 @@ async def predict(
 )
 async def predict_batch(
     request: Request, model: ReadyModelDep, top_k: TopKQuery = None, return_image: ReturnImageQuery = None
-) -> BatchResponse:
+) -> Response:
     """Up to `MNIST_SERVE_MAX_BATCH_ITEMS` digits, answered in request order, in as few model runs as possible.
 
     A bad item fails the whole request with 422; the error's `index` (and message) names the item.
     """
-    settings = model.settings
-    kind = _media_type(request)
-    if kind == JSON:
-        body: BatchRequest = _parse(BatchRequest, await request.body())
-        if len(body.items) > settings.max_batch_items:
-            raise _too_many(len(body.items), settings)
-        images = await _preprocess(body.items, settings)
-        top_k, return_image = _pick(body.top_k, top_k), _pick(body.return_image, return_image)
-    elif kind == MULTIPART:
-        payloads, options = await _form_files(request, settings, max_files=settings.max_batch_items)
-        images = await asyncio.to_thread(_decode_uploads, payloads, settings)
-        top_k, return_image = _pick(options.top_k, top_k), _pick(options.return_image, return_image)
-    else:
-        raise UnsupportedMediaType(f"send {JSON} or {MULTIPART}, not {kind or 'no content type'!r}")
+    images, body_top_k, body_return_image = await _read_items(request, model.settings, batch=True)
+    top_k, return_image = _pick(body_top_k, top_k), _pick(body_return_image, return_image)
     predictions = await _classify(model, images, top_k, bool(return_image))
-    return BatchResponse(predictions=predictions, model=_model_ref(model))
+    return Response(encode({"predictions": predictions, "model": _model_ref(model)}), media_type=JSON)

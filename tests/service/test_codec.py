@@ -1,0 +1,157 @@
+"""The orjson/numpy fast path of service.codec means exactly what pydantic's validation of the request models means.
+
+Every document is parsed twice, once as the service does it and once with the fast path switched off (pydantic
+alone, as before the codec existed); the images, options and error messages must be the same.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service import codec
+from service.errors import ServiceError
+
+ZEROS = [[0] * 28 for _ in range(28)]
+
+
+def digit(value: float = 200, row: int = 14) -> list[list[float]]:
+    pixels: list[list[float]] = [[0] * 28 for _ in range(28)]
+    pixels[row][10:18] = [value] * 8
+    return pixels
+
+
+def outcome(parse: Any, body: bytes) -> Any:
+    """What a route would make of the body: (images or base64 strings, top_k, return_image), or the error."""
+    try:
+        parsed = parse(body)
+        seen = []
+        for index, item in enumerate(parsed.items):
+            try:
+                image = codec.item_image(item)
+            except ServiceError as exc:
+                return ("item error", index, type(exc).__name__, exc.code, exc.message)
+            seen.append(item.image_base64 if image is None else image.tolist())
+        return (seen, parsed.top_k, parsed.return_image)
+    except ServiceError as exc:
+        return ("error", type(exc).__name__, exc.code, exc.message, exc.index)
+
+
+def both_ways(monkeypatch: pytest.MonkeyPatch, parse: Any, body: bytes) -> tuple[Any, Any]:
+    fast = outcome(parse, body)
+
+    def refuse(*_: Any) -> Any:
+        raise codec._NeedsPydantic
+
+    with monkeypatch.context() as patch:
+        patch.setattr(codec, "_fast_items", refuse)
+        slow = outcome(parse, body)
+    return fast, slow
+
+
+SINGLE = [
+    {"pixels": digit()},
+    {"pixels": digit(0.8), "scale": "0-1"},
+    {"pixels": digit(200.5), "scale": "0-255", "top_k": 3, "return_image": True},
+    {"pixels": digit(), "normalize": True},
+    {"pixels": [[True, *([0] * 27)], *ZEROS[1:]], "scale": "0-1"},
+    {"pixels": digit(), "top_k": None, "return_image": None, "image_base64": None},
+    {"image_base64": "iVBORw0KGgo="},
+    # pydantic's lax conversions: the fast path steps aside and pydantic accepts them as before
+    {"pixels": [["12", *([0] * 27)], *ZEROS[1:]]},
+    {"pixels": digit(), "normalize": "yes", "top_k": "2"},
+    {"pixels": digit(), "top_k": 2.0},
+    # errors: pydantic's own message, or from_pixels' for values out of range
+    {"pixels": digit(300)},
+    {"pixels": digit(2.0), "scale": "0-1"},
+    {"pixels": digit(-1)},
+    {"pixels": ZEROS[:27]},
+    {"pixels": [*ZEROS[:27], [0] * 27]},
+    {"pixels": [[None] * 28] * 28},
+    {"pixels": [[[0]] * 28] * 28},
+    {"pixels": 7},
+    {"pixels": []},
+    {"pixels": digit(), "scale": "0-100"},
+    {"pixels": digit(), "scale": ["0-1"]},
+    {"pixels": digit(), "normalize": None},
+    {"pixels": digit(), "image_base64": "AAAA"},
+    {},
+    {"image_base64": ""},
+    {"image_base64": 12},
+    {"pixels": digit(), "top_k": 11},
+    {"pixels": digit(), "top_k": True},
+    {"pixels": digit(), "return_image": "maybe"},
+    {"pixels": digit(), "unknown": 1},
+    {"pixels": [[10**30] * 28] * 28},
+]
+
+
+@pytest.mark.parametrize("document", SINGLE, ids=range(len(SINGLE)))
+def test_single_requests_mean_the_same_both_ways(monkeypatch: pytest.MonkeyPatch, document: dict) -> None:
+    fast, slow = both_ways(monkeypatch, codec.parse_predict, json.dumps(document).encode())
+    assert fast == slow
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"pixels": [', b"[]", b"null", b'"pixels"', b"", b'{"pixels": NaN}', b'{"pixels": [[Infinity]]}'],
+)
+def test_bodies_that_are_not_plain_json_objects(monkeypatch: pytest.MonkeyPatch, body: bytes) -> None:
+    fast, slow = both_ways(monkeypatch, codec.parse_predict, body)
+    assert fast == slow and fast[0] == "error"
+
+
+def test_nan_in_pixels_says_finite(monkeypatch: pytest.MonkeyPatch) -> None:
+    body = json.dumps({"pixels": ZEROS}).replace("0", "NaN", 1).encode()
+    fast, slow = both_ways(monkeypatch, codec.parse_predict, body)
+    assert fast == slow and "finite" in fast[3]
+
+
+BATCHES = [
+    {"items": [{"pixels": digit(v)} for v in (10, 100, 255)]},
+    {"items": [{"pixels": digit(0.5), "scale": "0-1"}, {"pixels": digit()}, {"image_base64": "AAAA"}], "top_k": 2},
+    {"items": [{"pixels": digit()}, {"pixels": digit(), "normalize": True}], "return_image": True},
+    {"items": [{"pixels": digit()}, {"pixels": digit(256)}, {"pixels": digit(-3)}]},
+    {"items": [{"pixels": digit()}, {"pixels": ZEROS[:20]}]},
+    {"items": [{"pixels": digit()}, {"pixels": digit(), "top_k": 2}]},
+    {"items": [{"pixels": digit()}, "seven"]},
+    {"items": []},
+    {"items": {"pixels": digit()}},
+    {"items": [{"pixels": digit()}], "extra": True},
+    {"pixels": digit()},
+]
+
+
+@pytest.mark.parametrize("document", BATCHES, ids=range(len(BATCHES)))
+def test_batches_mean_the_same_both_ways(monkeypatch: pytest.MonkeyPatch, document: dict) -> None:
+    fast, slow = both_ways(monkeypatch, lambda b: codec.parse_batch(b, max_items=10), json.dumps(document).encode())
+    assert fast == slow
+
+
+def test_too_many_items_is_refused_before_the_items_are_read() -> None:
+    body = json.dumps({"items": [{"pixels": digit()}] * 5 + [{"pixels": "not even pixels"}]}).encode()
+    with pytest.raises(ServiceError) as error:
+        codec.parse_batch(body, max_items=4)
+    assert error.value.code == "too_many_items" and error.value.status_code == 413
+
+
+def test_the_fast_path_scales_like_from_pixels() -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 28, 28))
+    body = json.dumps({"items": [{"pixels": p.tolist()} for p in pixels]}).encode()
+    parsed = codec.parse_batch(body, max_items=10)
+    assert all(item.image is not None and item.image.dtype == np.float32 for item in parsed.items)
+    np.testing.assert_array_equal(np.stack([item.image for item in parsed.items]), (pixels / 255.0).astype(np.float32))
+
+
+def test_predictions_round_and_rank() -> None:
+    probs = np.array([[0.1, 0.7, 0.2, 0, 0, 0, 0, 0, 0, 0], [0.3] * 3 + [0.1] + [0] * 6], dtype=np.float32)
+    out = codec.predictions(probs, [np.zeros((28, 28), np.float32)] * 2, top_k=2, return_image=True)
+    assert out[0]["digit"] == 1 and out[0]["confidence"] == 0.7 == max(out[0]["probabilities"])
+    assert out[0]["probabilities"] == [round(float(p), 6) for p in probs[0]]
+    assert out[0]["top_k"] == [{"digit": 1, "probability": 0.7}, {"digit": 2, "probability": 0.2}]
+    assert [c["digit"] for c in out[1]["top_k"]] == [0, 1]  # ties keep digit order
+    assert out[1]["image"]["width"] == 28 and len(out[1]["image"]["pixels"]) == 28
+    assert json.loads(codec.encode({"predictions": out})) == {"predictions": out}
