@@ -1,8 +1,15 @@
 """Server-side micro-batching: concurrent requests share one onnxruntime run.
 
 A request's images go into a bounded asyncio queue (created in the running loop, in ``start``). One consumer
-takes the first waiting job, keeps gathering until it holds ``max_batch_size`` images or ``max_wait_s`` has
-passed, runs the concatenation in a worker thread (never on the event loop) and hands each request its rows.
+takes the first waiting job together with every job already queued behind it (up to ``max_batch_size``
+images), runs the concatenation in a worker thread (never on the event loop) and hands each request its rows.
+
+The batching is opportunistic: a request that finds the model idle runs at once, alone, paying no wait; the
+requests that arrive while a batch runs queue up and become the next batch. Low load therefore gets the
+latency of a single run and high load gets large batches, without a timer to tune. ``max_wait_s`` (default 0)
+adds an optional pause before each run for more requests to join: only worth it when the model's cost per
+image falls steeply with batch size.
+
 A full queue is refused at once with :class:`~service.errors.Overloaded` (HTTP 503 + Retry-After) rather than
 letting latency grow without bound. ``stop`` stops admitting, answers everything already admitted, then exits.
 
@@ -78,7 +85,7 @@ class MicroBatcher:
         predict: PredictFn,
         *,
         max_batch_size: int = 64,
-        max_wait_s: float = 0.002,
+        max_wait_s: float = 0.0,
         queue_size: int = 1024,
         metrics: ServiceMetrics | None = None,
     ) -> None:

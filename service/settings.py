@@ -64,8 +64,8 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=64, ge=1, le=4096)
     """Most images one micro-batch gathers before it runs."""
 
-    max_wait_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
-    """Longest a request waits for others to join its micro-batch, in milliseconds."""
+    max_wait_ms: float = Field(default=0.0, ge=0.0, le=1000.0)
+    """Extra wait for more requests to join a batch, in ms; 0: run as soon as the model is free (see batching)."""
 
     queue_size: int = Field(default=1024, ge=1, le=1_000_000)
     """Most requests waiting for the model; beyond it the service answers 503 with Retry-After."""

@@ -101,6 +101,30 @@ def test_a_lone_request_waits_at_most_max_wait() -> None:
     assert model.batches == [1]
 
 
+def test_without_a_wait_requests_that_arrive_during_a_run_form_the_next_batch() -> None:
+    model = RecordingModel()
+    model.gate.clear()
+
+    async def scenario() -> float:
+        batcher = MicroBatcher(model, max_batch_size=64, max_wait_s=0, queue_size=100)
+        await batcher.start()
+        start = time.perf_counter()
+        first = asyncio.ensure_future(batcher.predict(image(0.1)))
+        await asyncio.to_thread(model.entered.wait, 5)  # the idle model took the lone request at once
+        started_after = time.perf_counter() - start
+        during = [asyncio.ensure_future(batcher.predict(image(i / 10))) for i in range(10)]
+        await asyncio.sleep(0.01)
+        model.gate.set()
+        results = await asyncio.gather(first, *during)
+        assert [r[0, 0] for r in results[1:]] == pytest.approx([i / 10 for i in range(10)])
+        await batcher.stop()
+        return started_after
+
+    started_after = run(scenario)
+    assert isinstance(started_after, float) and started_after < 0.5
+    assert model.batches == [1, 10]
+
+
 def test_a_full_queue_is_refused_with_overloaded() -> None:
     model = RecordingModel()
     model.gate.clear()

@@ -31,7 +31,7 @@ def test_a_real_test_digit_from_another_directory(live_server: StartServer, mnis
 
 
 def test_concurrent_clients_are_micro_batched(live_server: StartServer, mnist_test: tuple) -> None:
-    server = live_server()  # the shipped defaults: batching on, 2 ms window, batches of up to 64
+    server = live_server()  # the shipped defaults: opportunistic batching, batches of up to 64
     x, y = mnist_test
     per_client = 4
     payloads = [pixels_payload(x[i]) for i in range(CLIENTS * per_client)]

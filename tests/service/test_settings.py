@@ -22,7 +22,7 @@ DOCUMENTED_DEFAULTS = {
     "api_key": None,
     "batching": True,
     "max_batch_size": 64,
-    "max_wait_ms": 2.0,
+    "max_wait_ms": 0.0,
     "queue_size": 1024,
     "max_batch_items": 1024,
     "intra_op_threads": 1,
