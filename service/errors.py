@@ -12,9 +12,10 @@ from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,17 @@ async def _http_exception(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
+#: nginx's "client closed request": what the metrics record for a request whose client left before sending it all.
+CLIENT_CLOSED_REQUEST = 499
+
+
+async def _client_gone(_: Request, exc: Exception) -> Response:
+    # A client that hangs up mid-body (a load generator stopping, a closed tab) is no fault of ours: no traceback,
+    # and nobody is left to read an answer.
+    log.debug("the client disconnected before its request body arrived")
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     body = {"error": {"code": "internal_error", "message": "internal server error"}}
@@ -200,4 +212,5 @@ def register_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _request_validation)
     app.add_exception_handler(ValidationError, _pydantic_validation)
     app.add_exception_handler(StarletteHTTPException, _http_exception)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _unexpected)
