@@ -4,6 +4,14 @@
 
 The model card (``<name>.json`` next to ``<name>.onnx``) is the source of truth for the model's name, version and
 measured accuracy; the ONNX file must hash to the card's ``onnx.sha256`` or it is refused.
+
+A model directory is a repository: :func:`find_models` finds every card in it, in two layouts that may be mixed,
+
+    models/<stem>.onnx + models/<stem>.json                  # what `mnist-export --out models` writes
+    models/<name>/<version>/<stem>.onnx + .../<stem>.json    # side by side: `--out models/<name>/<version>`
+
+and :func:`load_repository` loads them all. Entries whose names start with a dot are skipped (stage a new version
+in ``models/.incoming`` and rename it into place).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
 
 #: Largest array handed to one ORT run; bigger inputs are split (memory stays bounded, runs stay few).
-MAX_RUN_BATCH = 1024
+MAX_RUN_BATCH = 64
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -215,6 +223,84 @@ def model_paths(model_dir: Path, name: str) -> tuple[Path, Path]:
     return model_dir / f"{name}.onnx", model_dir / f"{name}.json"
 
 
+def version_key(version: str) -> tuple[int, tuple[int, ...], int, str]:
+    """Sort key for model versions: the highest sorts last.
+
+    Dotted numbers compare numerically (``2.10.0`` > ``2.9.0``; Triton-style ``1``, ``2`` too), a pre-release
+    (``1.0.0-rc1``) sorts below its release, and versions that are not dotted numbers sort below all that are.
+    """
+    release, dash, pre = version.partition("-")
+    fields = release.split(".")
+    if all(f.isdigit() for f in fields):
+        return (1, tuple(int(f) for f in fields), 0 if dash else 1, pre)
+    return (0, (), 0, version)
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """One model version found in a repository: its ONNX file, its card file and the card itself."""
+
+    onnx_path: Path
+    card_path: Path
+    card: ModelCard
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.card.name, self.card.version
+
+
+def _visible(path: Path, root: Path) -> bool:
+    return not any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def find_models(model_dir: Path) -> list[ModelFiles]:
+    """Every model version in ``model_dir`` (both layouts in the module docstring), sorted by name and version.
+
+    A card is a ``<stem>.json`` beside a ``<stem>.onnx``; other JSON files are not cards. Raises
+    :class:`ModelLoadError` when a card is unreadable, when a versioned card's name or version disagrees with its
+    directories, or when two cards claim the same name and version (which one to serve would be a guess).
+    """
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"model directory not found: {model_dir}")
+    found: dict[tuple[str, str], ModelFiles] = {}
+    for pattern, versioned in (("*.json", False), ("*/*/*.json", True)):
+        for card_path in sorted(model_dir.glob(pattern)):
+            onnx_path = card_path.with_suffix(".onnx")
+            if not _visible(card_path, model_dir) or not card_path.is_file() or not onnx_path.is_file():
+                continue
+            card = ModelCard.from_file(card_path)
+            if versioned and (card.name, card.version) != (card_path.parent.parent.name, card_path.parent.name):
+                raise ModelLoadError(
+                    f"{card_path} says {card.name} {card.version} but lies in "
+                    f"{card_path.parent.parent.name}/{card_path.parent.name}/: directories must be <name>/<version>/"
+                )
+            entry = ModelFiles(onnx_path, card_path, card)
+            if entry.key in found:
+                raise ModelLoadError(
+                    f"{card.name} {card.version} is claimed by both {found[entry.key].card_path} and {card_path}"
+                )
+            found[entry.key] = entry
+    return sorted(found.values(), key=lambda m: (m.card.name, version_key(m.card.version)))
+
+
+def load_files(
+    onnx_path: Path,
+    card_path: Path,
+    *,
+    card: ModelCard | None = None,
+    intra_op_threads: int = 1,
+    inter_op_threads: int = 1,
+    warm_up: bool = True,
+) -> OnnxClassifier:
+    """Load ``onnx_path`` with its card, verify it, and (by default) warm it up."""
+    card = card if card is not None else ModelCard.from_file(card_path)
+    classifier = OnnxClassifier(onnx_path, card, intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads)
+    if warm_up:
+        seconds = classifier.warm_up()
+        log.info("loaded %s %s from %s (warm-up %.0f ms)", card.name, card.version, onnx_path, seconds * 1e3)
+    return classifier
+
+
 def load_model(
     model_dir: Path,
     name: str,
@@ -223,17 +309,37 @@ def load_model(
     inter_op_threads: int = 1,
     warm_up: bool = True,
 ) -> OnnxClassifier:
-    """Load ``<model_dir>/<name>.onnx`` with its card, verify it, and (by default) warm it up.
-
-    The one place models are loaded, so that serving several models/versions later changes only this module.
-    """
+    """Load ``<model_dir>/<name>.onnx`` with its card, verify it, and (by default) warm it up."""
     onnx_path, card_path = model_paths(model_dir, name)
-    card = ModelCard.from_file(card_path)
-    classifier = OnnxClassifier(onnx_path, card, intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads)
-    if warm_up:
-        seconds = classifier.warm_up()
-        log.info("loaded %s %s from %s (warm-up %.0f ms)", card.name, card.version, onnx_path, seconds * 1e3)
-    return classifier
+    return load_files(
+        onnx_path, card_path, intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads, warm_up=warm_up
+    )
+
+
+def load_repository(
+    model_dir: Path,
+    *,
+    intra_op_threads: int = 1,
+    inter_op_threads: int = 1,
+    warm_up: bool = True,
+) -> list[OnnxClassifier]:
+    """Load, verify and warm up every model version in ``model_dir``; any failure fails the whole load."""
+    found = find_models(model_dir)
+    if not found:
+        raise ModelLoadError(
+            f"no models in {model_dir}: expected <name>.onnx + <name>.json, or <name>/<version>/<name>.onnx + .json"
+        )
+    return [
+        load_files(
+            m.onnx_path,
+            m.card_path,
+            card=m.card,
+            intra_op_threads=intra_op_threads,
+            inter_op_threads=inter_op_threads,
+            warm_up=warm_up,
+        )
+        for m in found
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
