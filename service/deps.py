@@ -1,4 +1,4 @@
-"""What the routes receive: the per-app state (settings, model, runner, metrics) and the API-key check.
+"""What the routes receive: the per-app state (settings, model repository, metrics) and the API-key check.
 
 Nothing here is global: every object hangs off ``app.state.service``, put there by ``create_app``.
 The dependencies are ``async def`` although they never await: FastAPI runs a plain ``def`` dependency in its
@@ -8,16 +8,18 @@ thread pool, and three thread hops per request cost more than the model run itse
 from __future__ import annotations
 
 import hmac
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request, Security
+from fastapi import Depends, Query, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from service.batching import InferenceRunner
 from service.errors import ModelLoadFailed, ModelNotReady, Unauthorized
 from service.metrics import ServiceMetrics
 from service.model import OnnxClassifier
+from service.repository import ModelRepository, ModelSet
 from service.settings import Settings
 
 
@@ -27,17 +29,41 @@ class ServiceState:
 
     settings: Settings
     metrics: ServiceMetrics
-    classifier: OnnxClassifier | None = None
-    runner: InferenceRunner | None = None
-    load_error: str | None = None
+    repository: ModelRepository
     stopping: bool = False
 
     @property
+    def models(self) -> ModelSet | None:
+        """The model set serving now (None until the first load succeeds)."""
+        return self.repository.current
+
+    @property
+    def load_error(self) -> str | None:
+        return self.repository.load_error
+
+    @property
+    def classifier(self) -> OnnxClassifier | None:
+        """The default model."""
+        return self.models.default.classifier if self.models is not None else None
+
+    @property
+    def runner(self) -> InferenceRunner | None:
+        """The default model's runner."""
+        return self.models.default.runner if self.models is not None else None
+
+    @property
     def ready(self) -> bool:
-        """Loaded, warmed up, batcher running, not shutting down."""
-        return (
-            self.classifier is not None and self.classifier.warmed_up and self.runner is not None and not self.stopping
-        )
+        """Loaded, warmed up, batchers running, not shutting down."""
+        return self.models is not None and self.models.default.classifier.warmed_up and not self.stopping
+
+    def ready_models(self) -> ModelSet:
+        """The serving model set, or the 503 that says why there is none."""
+        if self.load_error is not None:
+            raise ModelLoadFailed(self.load_error)
+        models = self.models
+        if models is None or not self.ready:
+            raise ModelNotReady("shutting down" if self.stopping else "the model is not loaded yet")
+        return models
 
 
 @dataclass(frozen=True)
@@ -57,12 +83,24 @@ async def get_state(request: Request) -> ServiceState:
 StateDep = Annotated[ServiceState, Depends(get_state)]
 
 
-async def get_ready_model(state: StateDep) -> ReadyModel:
-    if state.load_error is not None:
-        raise ModelLoadFailed(state.load_error)
-    if not state.ready or state.classifier is None or state.runner is None:
-        raise ModelNotReady()
-    return ReadyModel(state.classifier, state.runner, state.settings)
+ModelQuery = Annotated[
+    str | None, Query(alias="model", description="Serve with this model (default: the default model).")
+]
+VersionQuery = Annotated[str | None, Query(description="Serve with this version of it (default: its highest).")]
+
+
+async def get_ready_model(
+    state: StateDep, model: ModelQuery = None, version: VersionQuery = None
+) -> AsyncIterator[ReadyModel]:
+    """The model the request names (``?model=&version=``, default: the default model), leased until it is answered.
+
+    The lease keeps a reload from draining this model's batcher while the request still needs it; resolving and
+    leasing happen without an ``await`` between them, so a reload's swap cannot slip in.
+    """
+    models = state.ready_models()
+    served = models.resolve(model, version)
+    with models.lease():
+        yield ReadyModel(served.classifier, served.runner, state.settings)
 
 
 ReadyModelDep = Annotated[ReadyModel, Depends(get_ready_model)]

@@ -108,6 +108,30 @@ class ModelLoadFailed(ModelNotReady):
         super().__init__(f"the model failed to load: {reason}", retry_after_s=30)
 
 
+class ModelNotFound(ServiceError):
+    """The request names a model, or a version of it, that this instance does not serve."""
+
+    status_code = 404
+    code = "model_not_found"
+
+
+class AdminDisabled(ServiceError):
+    """The admin API is off because no API key is configured: without one anybody could call it."""
+
+    status_code = 403
+    code = "admin_disabled"
+
+    def __init__(self) -> None:
+        super().__init__("the admin API is disabled: set MNIST_SERVE_API_KEY to enable it")
+
+
+class ReloadFailed(ServiceError):
+    """A model reload could not load the new model set; the previous set goes on serving."""
+
+    status_code = 500
+    code = "reload_failed"
+
+
 class Overloaded(ServiceError):
     """The inference queue is full: the client should back off and retry."""
 

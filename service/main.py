@@ -1,15 +1,17 @@
 """The app factory and the ``mnist-serve`` entry point.
 
-    mnist-serve                                   # serve models/mnist-cnn.onnx on 127.0.0.1:8000
+    mnist-serve                                   # serve every model in models/ on 127.0.0.1:8000
     MNIST_SERVE_PORT=9000 MNIST_SERVE_BATCHING=false mnist-serve
     mnist-serve --help                            # every MNIST_SERVE_* setting
     python -m service                             # the same without the console script
+    kill -HUP <pid>                               # reload the model repository without dropping requests
 
 ``create_app`` receives its collaborators (settings, optionally an already-loaded classifier, a loader, a
 metrics object) and keeps them on ``app.state.service``; nothing is global and nothing happens at import.
-Startup loads and warms the model in the background (``/healthz`` answers at once, ``/readyz`` turns 200 when
-the model can serve); shutdown stops admitting requests and drains the batcher so every admitted request is
-answered before the process exits.
+Startup loads and warms every model in the repository in the background (``/healthz`` answers at once,
+``/readyz`` turns 200 when the models can serve); SIGHUP (and ``POST /v1/admin/reload``) loads the repository
+again and swaps it in (see ``service.repository``); shutdown stops admitting requests and drains the batchers so
+every admitted request is answered before the process exits.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ import argparse
 import asyncio
 import contextlib
 import copy
+import glob
 import importlib.metadata
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from types import FrameType
 from typing import Any
 
@@ -38,21 +41,19 @@ from service.deps import ServiceState, StateDep
 from service.errors import register_error_handlers
 from service.metrics import ServiceMetrics
 from service.middleware import BodySizeLimit, RequestMetrics
-from service.model import ModelLoadError, OnnxClassifier, load_model, model_paths
-from service.routes import health, predict
+from service.model import OnnxClassifier, load_repository, model_paths
+from service.repository import ModelLoader, ModelRepository
+from service.routes import admin, health, predict
 from service.schemas import BatchRequest, PredictRequest
 from service.settings import Settings, describe_settings
 
 log = logging.getLogger("service")
 
-ModelLoader = Callable[[Settings], OnnxClassifier]
 
-
-def default_loader(settings: Settings) -> OnnxClassifier:
-    """Load, verify and warm up the model named by the settings."""
-    return load_model(
+def default_loader(settings: Settings) -> list[OnnxClassifier]:
+    """Load, verify and warm up every model version in the settings' model directory."""
+    return load_repository(
         settings.resolved_model_dir(),
-        settings.model_name,
         intra_op_threads=settings.intra_op_threads,
         inter_op_threads=settings.inter_op_threads,
     )
@@ -78,57 +79,58 @@ def _version() -> str:
         return "0+unknown"
 
 
-async def _bring_up(state: ServiceState, classifier: OnnxClassifier | None, loader: ModelLoader) -> None:
+async def _bring_up(state: ServiceState, classifier: OnnxClassifier | None) -> None:
     settings = state.settings
-    try:
-        if classifier is None:
-            classifier = await asyncio.to_thread(loader, settings)
-        if not classifier.warmed_up:
-            await asyncio.to_thread(classifier.warm_up)
-        runner = make_runner(settings, classifier, state.metrics)
-        await runner.start()
-    except ModelLoadError as exc:
-        state.load_error = str(exc)
-        log.error("cannot serve: %s", exc)
+    await state.repository.start([classifier] if classifier is not None else None)
+    models = state.models
+    if models is None:
         return
-    except Exception as exc:
-        state.load_error = f"{type(exc).__name__}: {exc}"
-        log.exception("cannot serve: model start-up failed")
-        return
-    state.runner = runner
-    state.classifier = classifier
-    state.metrics.set_model({"name": classifier.name, "version": classifier.version, "sha256": classifier.sha256})
     mode = (
         f"micro-batching (max {settings.max_batch_size} images, {settings.max_wait_ms:g} ms)"
         if settings.batching
         else "no batching"
     )
-    log.info("serving %s %s with %s", classifier.name, classifier.version, mode)
+    log.info("serving %s with %s; default %s %s", models.describe(), mode, models.default.name, models.default.version)
 
 
-def _lifespan(
-    classifier: OnnxClassifier | None, loader: ModelLoader
-) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
+@contextlib.contextmanager
+def _reload_on_sighup(repository: ModelRepository) -> Iterator[None]:
+    """SIGHUP reloads the repository. Only the main thread's loop can own a signal (not so under a test client)."""
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGHUP, repository.reload_in_background)
+        installed = True
+    except (AttributeError, NotImplementedError, RuntimeError, ValueError):  # no SIGHUP here, or not the main thread
+        installed = False
+    try:
+        yield
+    finally:
+        if installed:
+            loop.remove_signal_handler(signal.SIGHUP)
+
+
+def _lifespan(classifier: OnnxClassifier | None) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state: ServiceState = app.state.service
         # An injected, already-warm classifier is ready before the first request; loading from disk happens in
-        # the background so that liveness answers while the model loads.
+        # the background so that liveness answers while the models load.
         if classifier is not None and classifier.warmed_up:
-            await _bring_up(state, classifier, loader)
+            await _bring_up(state, classifier)
             loading: asyncio.Task[None] | None = None
         else:
-            loading = asyncio.create_task(_bring_up(state, classifier, loader), name="mnist-model-load")
+            loading = asyncio.create_task(_bring_up(state, classifier), name="mnist-model-load")
         try:
-            yield
+            with _reload_on_sighup(state.repository):
+                yield
         finally:
             state.stopping = True
             if loading is not None and not loading.done():
                 loading.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await loading
-            if state.runner is not None:
-                await state.runner.stop(state.settings.shutdown_timeout_s)
+            if state.models is not None:
+                await state.repository.stop(state.settings.shutdown_timeout_s)
                 log.info("drained the inference queue")
             state.metrics.model_ready.set(0)
 
@@ -161,7 +163,8 @@ def create_app(
 ) -> FastAPI:
     """The service as an ASGI app.
 
-    ``classifier``: serve this (already loaded) model instead of loading one with ``loader`` at startup.
+    ``classifier``: serve this (already loaded) model instead of loading the repository with ``loader`` at
+    startup; reloads always use ``loader`` (by default: every model in ``settings.model_dir``).
     """
     settings = settings if settings is not None else Settings()
     metrics = metrics if metrics is not None else ServiceMetrics()
@@ -172,23 +175,30 @@ def create_app(
             "Handwritten-digit recognition: a CNN trained on MNIST, served with onnxruntime. "
             "Send 28×28 pixels or an image of any size; get the digit and all ten probabilities."
         ),
-        lifespan=_lifespan(classifier, loader),
+        lifespan=_lifespan(classifier),
     )
-    app.state.service = ServiceState(settings=settings, metrics=metrics)
+
+    def runner_for(model: OnnxClassifier) -> InferenceRunner:
+        return make_runner(settings, model, metrics)
+
+    repository = ModelRepository(settings, metrics, loader, runner_for)
+    app.state.service = ServiceState(settings=settings, metrics=metrics, repository=repository)
     register_error_handlers(app)
     app.include_router(health.router)
     app.include_router(predict.router)
+    app.include_router(admin.router)
 
     @app.get("/metrics", tags=["health"], response_class=Response, summary="Prometheus metrics")
     async def prometheus_metrics(state: StateDep) -> Response:
-        if state.runner is not None:
-            state.metrics.queue_depth.set(state.runner.queue_depth)
+        if state.models is not None:
+            state.metrics.queue_depth.set(state.models.queue_depth)
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
     _install_openapi(app, [PredictRequest, BatchRequest])
+    routers = (health.router, predict.router, admin.router)
     known_paths = {
         path
-        for route in (*app.routes, *health.router.routes, *predict.router.routes)
+        for route in (*app.routes, *(r for router in routers for r in router.routes))
         if isinstance(path := getattr(route, "path", None), str)
     }
     # Hook for the web page: static files in service/web (or MNIST_SERVE_WEB_DIR), registered after the API
@@ -245,10 +255,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"mnist-serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    onnx_path, card_path = model_paths(settings.resolved_model_dir(), settings.model_name)
-    missing = [str(p) for p in (onnx_path, card_path) if not p.is_file()]
-    if missing:
-        print(f"mnist-serve: model files not found: {', '.join(missing)} (see MNIST_SERVE_MODEL_DIR)", file=sys.stderr)
+    model_dir = settings.resolved_model_dir()
+    flat = model_paths(model_dir, settings.model_name)
+    versioned = list(model_dir.glob(f"{glob.escape(settings.model_name)}/*/*.onnx"))
+    if not versioned and not all(p.is_file() for p in flat):
+        wanted = f"{flat[0]} + {flat[1].name}, or {model_dir / settings.model_name}/<version>/"
+        print(f"mnist-serve: model files not found: {wanted} (see MNIST_SERVE_MODEL_DIR)", file=sys.stderr)
         return 2
 
     import uvicorn

@@ -63,9 +63,20 @@ class ServiceMetrics:
             "1 when the model is loaded and warmed up, else 0.",
             registry=self.registry,
         )
+        self.reloads = Counter(
+            f"{PREFIX}_reloads_total",
+            "Model repository reloads (SIGHUP or POST /v1/admin/reload), by result: ok or failed.",
+            ("result",),
+            registry=self.registry,
+        )
+        self.models_served = Gauge(
+            f"{PREFIX}_models_served",
+            "Model versions loaded and serving.",
+            registry=self.registry,
+        )
         self.model_info = Info(
             f"{PREFIX}_model",
-            "The model being served.",
+            "The default model: the one requests naming no model get.",
             registry=self.registry,
         )
 

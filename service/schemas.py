@@ -161,6 +161,8 @@ class ModelInfo(BaseModel):
     """Headline figures from the model card (test accuracy and errors)."""
     parameters: int | None = None
     ready: bool
+    default: bool = False
+    """The model a request naming none gets."""
 
 
 class ModelsResponse(BaseModel):

@@ -38,10 +38,13 @@ class Settings(BaseSettings):
     )
 
     model_dir: Path = Path("models")
-    """Directory holding <model_name>.onnx and its model card <model_name>.json (relative: cwd, then the project)."""
+    """Model repository: <name>.onnx + card <name>.json, and <name>/<version>/ side by side (relative: cwd, project)."""
 
     model_name: str = Field(default="mnist-cnn", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-    """File stem of the model to serve inside model_dir."""
+    """The default model (its card's name): it answers requests that name no model, e.g. /v1/predict."""
+
+    model_version: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+    """Version of model_name that answers requests naming no version (unset: its highest version)."""
 
     host: str = Field(default="127.0.0.1", min_length=1)
     """Interface to listen on; 0.0.0.0 only inside a container or behind a proxy."""
@@ -56,7 +59,7 @@ class Settings(BaseSettings):
     """Log one line per request (uvicorn's access log)."""
 
     api_key: SecretStr | None = None
-    """When set (at least 16 characters), predict endpoints require it in X-API-Key or Authorization: Bearer."""
+    """When set (16+ characters), inference and admin calls require it in X-API-Key or Authorization: Bearer."""
 
     batching: bool = True
     """Gather concurrent requests into one model run; false runs each request on its own."""

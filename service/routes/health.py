@@ -33,8 +33,14 @@ async def readyz(state: StateDep) -> Health | JSONResponse:
 
 @router.get("/v1/models", response_model=ModelsResponse, tags=["models"])
 async def list_models(state: StateDep) -> ModelsResponse:
-    """The models this instance serves: name, version, tensors, and the test accuracy from the model card."""
-    if state.classifier is None:
+    """Every model version this instance serves: name, version, tensors, the test accuracy from the model card,
+    and which one is the default (the one a request naming no model gets; name others with `?model=&version=`)."""
+    models = state.models
+    if models is None:
         return ModelsResponse(models=[])
-    info = ModelInfo.model_validate({**state.classifier.describe(), "ready": state.ready})
-    return ModelsResponse(models=[info])
+    return ModelsResponse(
+        models=[
+            ModelInfo.model_validate({**m.classifier.describe(), "ready": state.ready, "default": m is models.default})
+            for m in models
+        ]
+    )
