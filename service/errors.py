@@ -1,7 +1,8 @@
 """Typed domain errors and the one place that turns them (and framework errors) into HTTP answers.
 
 Every error the service sends has the body ``{"error": {"code": str, "message": str, ...}}``; bad input is
-never a 500. Handlers are registered once, by :func:`register_error_handlers`.
+never a 500. Handlers are registered once, by :func:`register_error_handlers`. The Open Inference Protocol
+endpoints under ``/v2`` answer the same errors in that protocol's shape, ``{"error": str}``, with 400 for bad input.
 """
 
 from __future__ import annotations
@@ -177,6 +178,26 @@ def error_response(error: ServiceError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers or None)
 
 
+def is_protocol_path(path: str) -> bool:
+    """Whether ``path`` belongs to the Open Inference Protocol (``/v2``), whose errors are ``{"error": str}``."""
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def protocol_status(status: int) -> int:
+    # The protocol answers bad requests with 400 where /v1 says 422.
+    return 400 if status == 422 else status
+
+
+def protocol_error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=protocol_status(status), headers=dict(headers or {}) or None)
+
+
+def _answer(request: Request, error: ServiceError) -> JSONResponse:
+    if is_protocol_path(request.url.path):
+        return protocol_error_response(error.status_code, error.message, error.headers)
+    return error_response(error)
+
+
 _HTTP_CODES = {
     400: "bad_request",
     401: "unauthorized",
@@ -191,23 +212,25 @@ _HTTP_CODES = {
 }
 
 
-async def _service_error(_: Request, exc: Exception) -> JSONResponse:
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
-    return error_response(exc)
+    return _answer(request, exc)
 
 
-async def _request_validation(_: Request, exc: Exception) -> JSONResponse:
+async def _request_validation(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    return error_response(validation_error(exc.errors()))
+    return _answer(request, validation_error(exc.errors()))
 
 
-async def _pydantic_validation(_: Request, exc: Exception) -> JSONResponse:
+async def _pydantic_validation(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ValidationError)
-    return error_response(validation_error(exc.errors()))
+    return _answer(request, validation_error(exc.errors()))
 
 
-async def _http_exception(_: Request, exc: Exception) -> JSONResponse:
+async def _http_exception(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if is_protocol_path(request.url.path):
+        return protocol_error_response(exc.status_code, str(exc.detail), exc.headers)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     body = {"error": {"code": code, "message": str(exc.detail)}}
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
@@ -224,8 +247,10 @@ async def _client_gone(_: Request, exc: Exception) -> Response:
     return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
-async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
+    if is_protocol_path(request.url.path):
+        return protocol_error_response(500, "internal server error")
     body = {"error": {"code": "internal_error", "message": "internal server error"}}
     return JSONResponse(body, status_code=500)
 

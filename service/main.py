@@ -43,7 +43,7 @@ from service.metrics import ServiceMetrics
 from service.middleware import BodySizeLimit, RequestMetrics
 from service.model import OnnxClassifier, load_repository, model_paths
 from service.repository import ModelLoader, ModelRepository
-from service.routes import admin, health, predict
+from service.routes import admin, health, predict, v2
 from service.schemas import BatchRequest, PredictRequest
 from service.settings import Settings, describe_settings
 
@@ -187,6 +187,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(predict.router)
     app.include_router(admin.router)
+    app.include_router(v2.router)
 
     @app.get("/metrics", tags=["health"], response_class=Response, summary="Prometheus metrics")
     async def prometheus_metrics(state: StateDep) -> Response:
@@ -195,7 +196,7 @@ def create_app(
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
     _install_openapi(app, [PredictRequest, BatchRequest])
-    routers = (health.router, predict.router, admin.router)
+    routers = (health.router, predict.router, admin.router, v2.router)
     known_paths = {
         path
         for route in (*app.routes, *(r for router in routers for r in router.routes))

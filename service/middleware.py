@@ -12,6 +12,7 @@ from collections.abc import Collection
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.errors import is_protocol_path
 from service.metrics import ServiceMetrics
 
 
@@ -34,11 +35,12 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         declared = _content_length(scope)
+        protocol = is_protocol_path(str(scope.get("path", "")))
         if declared is not None and declared > self.max_body_bytes:
-            await _send_error(send, 413, "payload_too_large", BodyTooLarge(self.max_body_bytes).detail)
+            await _send_error(send, 413, "payload_too_large", BodyTooLarge(self.max_body_bytes).detail, protocol)
             return
         if declared == -1:
-            await _send_error(send, 400, "bad_request", "the Content-Length header is not a number")
+            await _send_error(send, 400, "bad_request", "the Content-Length header is not a number", protocol)
             return
         received = 0
         limit = self.max_body_bytes
@@ -65,8 +67,10 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _send_error(send: Send, status: int, code: str, message: str) -> None:
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+async def _send_error(send: Send, status: int, code: str, message: str, protocol: bool = False) -> None:
+    # /v2 speaks the Open Inference Protocol, whose error body is {"error": "message"}.
+    error: object = message if protocol else {"code": code, "message": message}
+    body = json.dumps({"error": error}).encode()
     await send(
         {
             "type": "http.response.start",

@@ -1,0 +1,218 @@
+"""The Open Inference Protocol (KServe v2) over HTTP/REST, beside /v1, on the same models and batchers.
+
+    GET  /v2                                               server metadata (name, version, extensions)
+    GET  /v2/health/live, /v2/health/ready                 200, or 400 when not ready (empty bodies)
+    GET  /v2/models/{name}[/versions/{version}]            model metadata: versions, platform, tensors
+    GET  /v2/models/{name}[/versions/{version}]/ready      200, or 400 when not ready
+    GET  /v2/models/{name}[/versions/{version}]/config     Triton's model configuration extension
+    POST /v2/models/{name}[/versions/{version}]/infer      inference (JSON tensors or binary tensor data)
+    POST /v2/repository/index                              every model version served (Triton's repository index)
+
+Errors are the protocol's ``{"error": "message"}``: 400 bad request, 401 missing API key (inference only, when
+one is configured), 404 unknown model or version, 413 too large, 503 not ready or overloaded (see
+``service.errors``). The tensors are described in ``service.protocol``; tritonclient works with its defaults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Request
+from fastapi.responses import Response
+
+from service.deps import ServiceState, StateDep, require_api_key
+from service.model import IMAGE_SHAPE
+from service.protocol import HEADER_LENGTH, INPUT_DATATYPE, OUTPUTS, encode_infer_response, parse_infer_request
+from service.repository import ModelSet, ServedModel
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
+
+SERVER_NAME = "mnist-serve"
+EXTENSIONS = ["binary_tensor_data", "model_configuration"]
+PLATFORM = "onnxruntime_onnx"
+#: Bodies at least this large are decoded in a worker thread, not on the event loop.
+OFF_LOOP_BYTES = 64 * 1024
+
+NamePath = Annotated[str, Path(description="Model name, as its card says (GET /v1/models lists them).")]
+VersionPath = Annotated[str, Path(description="Model version, as its card says.")]
+
+
+def _empty(status: int) -> Response:
+    return Response(status_code=status)
+
+
+def _metadata(models: ModelSet, served: ServedModel) -> dict[str, Any]:
+    classifier = served.classifier
+    return {
+        "name": served.name,
+        "versions": models.versions(served.name),
+        "platform": PLATFORM,
+        "inputs": [{"name": classifier.input.name, "datatype": INPUT_DATATYPE, "shape": [-1, *IMAGE_SHAPE]}],
+        "outputs": [{"name": name, "datatype": dtype, "shape": shape} for name, (dtype, shape) in OUTPUTS.items()],
+    }
+
+
+def _config(state: ServiceState, served: ServedModel) -> dict[str, Any]:
+    settings = state.settings
+    classifier = served.classifier
+    config: dict[str, Any] = {
+        "name": served.name,
+        "platform": PLATFORM,
+        "backend": "onnxruntime",
+        "max_batch_size": settings.max_batch_items,
+        "input": [
+            {"name": classifier.input.name, "data_type": "TYPE_FP32", "format": "FORMAT_NHWC", "dims": [28, 28, 1]}
+        ],
+        "output": [
+            {"name": "probabilities", "data_type": "TYPE_FP32", "dims": [10]},
+            {"name": "digit", "data_type": "TYPE_INT64", "dims": [1], "reshape": {"shape": []}},
+        ],
+        "parameters": {
+            "version": {"string_value": served.version},
+            "sha256": {"string_value": classifier.sha256},
+        },
+    }
+    if settings.batching:
+        config["dynamic_batching"] = {
+            "preferred_batch_size": [settings.max_batch_size],
+            "max_queue_delay_microseconds": round(settings.max_wait_ms * 1000),
+        }
+    return config
+
+
+@router.get("", summary="Server metadata")
+async def server_metadata(request: Request) -> dict[str, Any]:
+    return {"name": SERVER_NAME, "version": request.app.version, "extensions": EXTENSIONS}
+
+
+@router.get("/health/live", summary="Server live", response_class=Response)
+async def server_live() -> Response:
+    """200 while the process answers (the model may still be loading)."""
+    return _empty(200)
+
+
+@router.get("/health/ready", summary="Server ready", response_class=Response)
+async def server_ready(state: StateDep) -> Response:
+    """200 when every model is loaded, warmed up and its batcher runs; else 400, as the protocol says."""
+    return _empty(200 if state.ready else 400)
+
+
+def _model_ready(state: StateDep, name: str, version: str | None) -> Response:
+    models = state.models
+    if models is None or not state.ready:
+        return _empty(400)
+    models.resolve(name, version)  # 404 for a model or version not served
+    return _empty(200)
+
+
+@router.get("/models/{name}/ready", summary="Model ready", response_class=Response)
+async def model_ready(state: StateDep, name: NamePath) -> Response:
+    return _model_ready(state, name, None)
+
+
+@router.get("/models/{name}/versions/{version}/ready", summary="Model version ready", response_class=Response)
+async def model_version_ready(state: StateDep, name: NamePath, version: VersionPath) -> Response:
+    return _model_ready(state, name, version)
+
+
+@router.get("/models/{name}", summary="Model metadata")
+async def model_metadata(state: StateDep, name: NamePath) -> dict[str, Any]:
+    models = state.ready_models()
+    return _metadata(models, models.resolve(name, None))
+
+
+@router.get("/models/{name}/versions/{version}", summary="Model version metadata")
+async def model_version_metadata(state: StateDep, name: NamePath, version: VersionPath) -> dict[str, Any]:
+    models = state.ready_models()
+    return _metadata(models, models.resolve(name, version))
+
+
+@router.get("/models/{name}/config", summary="Model configuration (Triton extension)")
+async def model_config(state: StateDep, name: NamePath) -> dict[str, Any]:
+    return _config(state, state.ready_models().resolve(name, None))
+
+
+@router.get("/models/{name}/versions/{version}/config", summary="Model version configuration (Triton extension)")
+async def model_version_config(state: StateDep, name: NamePath, version: VersionPath) -> dict[str, Any]:
+    return _config(state, state.ready_models().resolve(name, version))
+
+
+@router.post("/repository/index", summary="Repository index (Triton extension)")
+async def repository_index(state: StateDep) -> list[dict[str, str]]:
+    """Every model version served, each READY (the repository is loaded whole or not at all)."""
+    models = state.models
+    if models is None:
+        return []
+    state_name = "READY" if state.ready else "UNAVAILABLE"
+    return [{"name": m.name, "version": m.version, "state": state_name, "reason": ""} for m in models]
+
+
+async def _infer(request: Request, state: ServiceState, name: str, version: str | None) -> Response:
+    models = state.ready_models()
+    served = models.resolve(name, version)
+    # Leased from here until answered: a reload swapping sets meanwhile drains this one only after we are done.
+    with models.lease():
+        body = await request.body()
+        parse = functools.partial(
+            parse_infer_request,
+            body,
+            request.headers.get(HEADER_LENGTH),
+            input_name=served.classifier.input.name,
+            max_images=state.settings.max_batch_items,
+        )
+        parsed = await asyncio.to_thread(parse) if len(body) >= OFF_LOOP_BYTES else parse()
+        probs = await served.runner.predict(parsed.images)
+    content, headers = encode_infer_response(
+        model_name=served.name,
+        model_version=served.version,
+        request_id=parsed.id,
+        probs=probs,
+        outputs=parsed.outputs,
+    )
+    media_type = headers.pop("content-type")
+    return Response(content, media_type=media_type, headers=headers)
+
+
+_INFER_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {"type": "object"},
+                "example": {
+                    "id": "42",
+                    "inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32", "data": [0.0] * 784}],
+                    "outputs": [{"name": "probabilities"}, {"name": "digit"}],
+                },
+            },
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": f"JSON header then binary tensors; {HEADER_LENGTH} gives the JSON's length.",
+            },
+        },
+    }
+}
+
+
+@router.post(
+    "/models/{name}/infer",
+    summary="Inference",
+    response_class=Response,
+    dependencies=[Depends(require_api_key)],
+    openapi_extra=_INFER_DOC,
+)
+async def infer(request: Request, state: StateDep, name: NamePath) -> Response:
+    return await _infer(request, state, name, None)
+
+
+@router.post(
+    "/models/{name}/versions/{version}/infer",
+    summary="Inference with a model version",
+    response_class=Response,
+    dependencies=[Depends(require_api_key)],
+    openapi_extra=_INFER_DOC,
+)
+async def infer_version(request: Request, state: StateDep, name: NamePath, version: VersionPath) -> Response:
+    return await _infer(request, state, name, version)
