@@ -1,0 +1,371 @@
+"""The model repository: every model and version in a directory, requests naming a version, reload without loss.
+
+Repositories are built in tmp_path from the committed model (same ONNX bytes, cards differing only in version),
+so every card's sha256 is checked for real. Versions 7.0.0 and 10.0.0 sit beside the committed flat model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from conftest import LiveServer
+from fastapi.testclient import TestClient
+from repository_helpers import MODEL_NAME, add_version, committed_card, flat_repository
+from service_helpers import metric, pixels_payload, png_bytes
+
+from service.batching import MicroBatcher
+from service.errors import ModelNotReady
+from service.model import ModelLoadError, OnnxClassifier, find_models, load_repository, version_key
+from service.repository import ModelSet, ServedModel
+
+ClientFactory = Callable[..., TestClient]
+StartServer = Callable[..., LiveServer]
+KEY = "admin-key-for-the-tests-0123456789"
+AUTH = {"X-API-Key": KEY}
+BLANK = {"pixels": [[0] * 28] * 28}
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    root = flat_repository(tmp_path / "models")
+    add_version(root, MODEL_NAME, "7.0.0")
+    add_version(root, MODEL_NAME, "10.0.0")
+    return root
+
+
+def served_version(response: httpx.Response) -> str:
+    assert response.status_code == 200, response.text
+    version: str = response.json()["model"]["version"]
+    return version
+
+
+# --- scanning ----------------------------------------------------------------------------------------------
+
+
+def test_versions_sort_numerically_with_pre_releases_first() -> None:
+    versions = ["10.0.0", "2", "1.0.0", "abc", "1.0.0-rc1", "0.0.1-temporary", "2.0.0", "1.10.0", "1.9.0"]
+    ordered = ["abc", "0.0.1-temporary", "1.0.0-rc1", "1.0.0", "1.9.0", "1.10.0", "2", "2.0.0", "10.0.0"]
+    assert sorted(versions, key=version_key) == ordered
+
+
+def test_scan_finds_both_layouts_and_skips_what_is_not_a_model(repo: Path) -> None:
+    shutil.copyfile(repo / f"{MODEL_NAME}.onnx", repo / "digits-small.onnx")
+    (repo / "digits-small.json").write_text(json.dumps({**committed_card(), "name": "digits-small"}))
+    (repo / "evaluation.json").write_text("{}")  # a JSON file without its ONNX is not a card
+    (repo / "orphan.onnx").write_bytes(b"no card, not served")
+    hidden = add_version(repo, MODEL_NAME, "99.0.0")
+    hidden.rename(repo / ".incoming")  # staged, not yet in place
+    found = [m.key for m in find_models(repo)]
+    committed = committed_card()["version"]
+    assert found == [
+        ("digits-small", committed),
+        (MODEL_NAME, committed),
+        (MODEL_NAME, "7.0.0"),
+        (MODEL_NAME, "10.0.0"),
+    ]
+    loaded = load_repository(repo, warm_up=False)
+    assert [(c.name, c.version) for c in loaded] == found
+    assert len({c.sha256 for c in loaded}) == 1  # the same bytes, verified against every card
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        ("version_dir", "directories must be <name>/<version>/"),
+        ("duplicate", "claimed by both"),
+        ("bad_card", "not readable JSON"),
+    ],
+)
+def test_scan_refuses_an_ambiguous_or_broken_repository(repo: Path, breakage: str, message: str) -> None:
+    if breakage == "version_dir":
+        (repo / MODEL_NAME / "7.0.0").rename(repo / MODEL_NAME / "8.0.0")  # card still says 7.0.0
+    elif breakage == "duplicate":  # a flat copy whose card also says mnist-cnn 7.0.0
+        shutil.copyfile(repo / f"{MODEL_NAME}.onnx", repo / "copy.onnx")
+        (repo / "copy.json").write_text(json.dumps({**committed_card(), "version": "7.0.0"}))
+    else:
+        (repo / MODEL_NAME / "10.0.0" / f"{MODEL_NAME}.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match=message):
+        find_models(repo)
+
+
+def test_loading_an_empty_or_missing_directory_fails_clearly(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="no models in"):
+        load_repository(tmp_path)
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_repository(tmp_path / "absent")
+
+
+def test_a_corrupt_model_fails_the_whole_load(repo: Path) -> None:
+    (repo / MODEL_NAME / "7.0.0" / f"{MODEL_NAME}.onnx").write_bytes(b"\0" * 64)
+    with pytest.raises(ModelLoadError, match="sha256"):
+        load_repository(repo, warm_up=False)
+
+
+# --- serving several versions ------------------------------------------------------------------------------
+
+
+def test_every_version_is_listed_and_requests_name_one(make_client: ClientFactory, repo: Path) -> None:
+    client = make_client(model=None, model_dir=repo)
+    wait_ready(client)
+    committed = committed_card()["version"]
+    listed = client.get("/v1/models").json()["models"]
+    assert [(m["name"], m["version"], m["default"]) for m in listed] == [
+        (MODEL_NAME, committed, False),
+        (MODEL_NAME, "7.0.0", False),
+        (MODEL_NAME, "10.0.0", True),  # the highest version is the default
+    ]
+    assert all(m["ready"] and m["sha256"] == committed_card()["onnx"]["sha256"] for m in listed)
+    assert client.get("/readyz").json()["model"] == {"name": MODEL_NAME, "version": "10.0.0"}
+    assert served_version(client.post("/v1/predict", json=BLANK)) == "10.0.0"
+    assert served_version(client.post("/v1/predict?version=7.0.0", json=BLANK)) == "7.0.0"
+    assert served_version(client.post(f"/v1/predict?model={MODEL_NAME}&version={committed}", json=BLANK)) == committed
+    batch = client.post("/v1/predict/batch?version=7.0.0", json={"items": [BLANK, BLANK]})
+    assert served_version(batch) == "7.0.0"
+    files = {"file": ("blank.png", png_of_a_stroke(), "image/png")}
+    assert served_version(client.post("/v1/predict?version=7.0.0", files=files)) == "7.0.0"
+    for query, wanted in (("model=nope", "'nope'"), ("version=9.9.9", "'9.9.9'")):
+        missing = client.post(f"/v1/predict?{query}", json=BLANK)
+        assert missing.status_code == 404, missing.text
+        assert missing.json()["error"]["code"] == "model_not_found" and wanted in missing.json()["error"]["message"]
+    text = client.get("/metrics").text
+    assert metric(text, "mnist_serve_models_served") == 3
+    assert 'version="10.0.0"' in next(line for line in text.splitlines() if line.startswith("mnist_serve_model_info"))
+
+
+def test_the_default_version_can_be_pinned(make_client: ClientFactory, repo: Path) -> None:
+    client = make_client(model=None, model_dir=repo, model_version="7.0.0")
+    wait_ready(client)
+    assert served_version(client.post("/v1/predict", json=BLANK)) == "7.0.0"
+    assert served_version(client.post("/v1/predict?version=10.0.0", json=BLANK)) == "10.0.0"
+    pinned_to_nothing = make_client(model=None, model_dir=repo, model_version="3.0.0")
+    error = wait_for_status(pinned_to_nothing, "/healthz", 503).json()["error"]
+    assert error["code"] == "model_load_failed" and "no version '3.0.0'" in error["message"]
+
+
+# --- reload ------------------------------------------------------------------------------------------------
+
+
+def test_admin_reload_is_refused_without_a_configured_key(make_client: ClientFactory, repo: Path) -> None:
+    client = make_client(model=None, model_dir=repo)
+    wait_ready(client)
+    refused = client.post("/v1/admin/reload", headers=AUTH)
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "admin_disabled"
+    assert "MNIST_SERVE_API_KEY" in refused.json()["error"]["message"]
+    keyed = make_client(model=None, model_dir=repo, api_key=KEY)
+    wait_ready(keyed)
+    assert keyed.post("/v1/admin/reload").status_code == 401
+    assert keyed.post("/v1/admin/reload", headers={"X-API-Key": "x" * 32}).status_code == 401
+
+
+def test_reload_picks_up_new_versions_and_a_bad_reload_keeps_the_old_set(
+    make_client: ClientFactory, repo: Path
+) -> None:
+    client = make_client(model=None, model_dir=repo, api_key=KEY)
+    wait_ready(client)
+    add_version(repo, MODEL_NAME, "11.0.0")
+    reloaded = client.post("/v1/admin/reload", headers={"Authorization": f"Bearer {KEY}"})
+    assert reloaded.status_code == 200, reloaded.text
+    body = reloaded.json()
+    assert body["default"] == {"name": MODEL_NAME, "version": "11.0.0"} and len(body["models"]) == 4
+    assert served_version(client.post("/v1/predict", json=BLANK, headers=AUTH)) == "11.0.0"
+
+    # A corrupt new version: the reload fails, says why, and the previous set goes on serving.
+    broken = add_version(repo, MODEL_NAME, "12.0.0")
+    (broken / f"{MODEL_NAME}.onnx").write_bytes(b"\0" * 64)
+    failed = client.post("/v1/admin/reload", headers=AUTH)
+    assert failed.status_code == 500, failed.text
+    error = failed.json()["error"]
+    assert error["code"] == "reload_failed" and "sha256" in error["message"] and "previous" in error["message"]
+    assert served_version(client.post("/v1/predict", json=BLANK, headers=AUTH)) == "11.0.0"
+    assert len(client.get("/v1/models").json()["models"]) == 4
+    assert client.get("/readyz").status_code == 200
+
+    # The default model gone from the directory: refused too.
+    shutil.rmtree(broken)
+    for path in repo.iterdir():
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    add_version(repo, "another-model", "1.0.0")
+    gone = client.post("/v1/admin/reload", headers=AUTH)
+    assert gone.status_code == 500 and f"default model '{MODEL_NAME}' is not in the repository" in gone.text
+    assert served_version(client.post("/v1/predict", json=BLANK, headers=AUTH)) == "11.0.0"
+
+    text = client.get("/metrics").text
+    assert metric(text, "mnist_serve_reloads_total", result="ok") == 1
+    assert metric(text, "mnist_serve_reloads_total", result="failed") == 2
+
+
+def test_reload_recovers_a_service_whose_first_load_failed(make_client: ClientFactory, tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    repo.mkdir()
+    client = make_client(model=None, model_dir=repo, api_key=KEY)
+    assert wait_for_status(client, "/healthz", 503).json()["error"]["code"] == "model_load_failed"
+    flat_repository(repo)
+    assert client.post("/v1/admin/reload", headers=AUTH).status_code == 200
+    assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
+    assert client.post("/v1/predict", json=BLANK, headers=AUTH).status_code == 200
+
+
+def test_a_retiring_set_waits_for_its_leases_before_stopping(classifier: OnnxClassifier) -> None:
+    """A request that resolved its model before a swap, but has not reached the batcher yet, is still served."""
+    images = np.zeros((1, 28, 28, 1), dtype=np.float32)
+
+    async def scenario() -> None:
+        runner = MicroBatcher(classifier.predict, max_wait_s=0)
+        models = ModelSet([ServedModel(classifier, runner)], MODEL_NAME)
+        await models.start()
+        with models.lease():
+            retiring = asyncio.create_task(models.stop(5.0))
+            await asyncio.sleep(0.1)
+            assert not retiring.done() and models.leases == 1
+            assert (await runner.predict(images)).shape == (1, 10)  # still admitted: the lease holds the set open
+        await asyncio.wait_for(retiring, 5.0)
+        with pytest.raises(ModelNotReady):
+            await runner.predict(images)
+
+        # A lease held past the timeout does not block the drain for ever.
+        late = MicroBatcher(classifier.predict, max_wait_s=0)
+        stuck = ModelSet([ServedModel(classifier, late)], MODEL_NAME)
+        await stuck.start()
+        with stuck.lease():
+            started = time.monotonic()
+            await stuck.stop(0.2)
+            assert time.monotonic() - started < 2
+
+    asyncio.run(scenario())
+
+
+# --- reload under load, over real HTTP ----------------------------------------------------------------------
+
+IN_FLIGHT = 12
+
+
+def held_server(live_server: StartServer, repo: Path) -> LiveServer:
+    # A one-second gathering window keeps requests waiting inside the old batchers while the reload happens.
+    env = {
+        "MNIST_SERVE_MODEL_DIR": str(repo),
+        "MNIST_SERVE_API_KEY": KEY,
+        "MNIST_SERVE_MAX_WAIT_MS": "1000",
+        "MNIST_SERVE_MAX_BATCH_SIZE": "1024",
+    }
+    return live_server(env=env)
+
+
+async def requests_held_across(server: LiveServer, x: np.ndarray, swap: Callable[[], Any]) -> list[httpx.Response]:
+    """Send IN_FLIGHT /v1 and /v2 requests, wait until they sit in the batcher, ``swap()``, and collect them all."""
+    async with httpx.AsyncClient(base_url=server.url, timeout=30, headers=AUTH) as http:
+        pending = []
+        for i in range(IN_FLIGHT):
+            if i % 2:
+                data = (x[i].reshape(-1) / 255.0).tolist()
+                v2_body = {"inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32", "data": data}]}
+                pending.append(asyncio.ensure_future(http.post(f"/v2/models/{MODEL_NAME}/infer", json=v2_body)))
+            else:
+                pending.append(asyncio.ensure_future(http.post("/v1/predict", json=pixels_payload(x[i]))))
+        deadline = time.monotonic() + 10
+        while metric((await http.get("/metrics")).text, "mnist_serve_queue_depth") < IN_FLIGHT:
+            assert time.monotonic() < deadline, "requests never queued"
+            await asyncio.sleep(0.02)
+        swapped = swap()
+        if asyncio.iscoroutine(swapped):
+            await swapped
+        return list(await asyncio.gather(*pending))
+
+
+def check_answered_by_the_old_set(responses: list[httpx.Response], y: np.ndarray) -> None:
+    """Every request answered 200, by the set it was admitted to, with the right digit (a 99% model: one slip)."""
+    assert [r.status_code for r in responses] == [200] * IN_FLIGHT, [r.text for r in responses]
+    digits = []
+    for i, response in enumerate(responses):
+        body = response.json()
+        if i % 2:
+            assert (body["model_name"], body["model_version"]) == (MODEL_NAME, "10.0.0")
+            digits.append(next(o for o in body["outputs"] if o["name"] == "digit")["data"][0])
+        else:
+            assert body["model"]["version"] == "10.0.0"
+            digits.append(body["digit"])
+    assert np.sum(np.array(digits) == y[:IN_FLIGHT]) >= IN_FLIGHT - 1
+
+
+def test_admin_reload_answers_every_request_in_flight(live_server: StartServer, repo: Path, mnist_test: tuple) -> None:
+    server = held_server(live_server, repo)
+    x, y = mnist_test
+    add_version(repo, MODEL_NAME, "11.0.0")
+    reload: dict[str, httpx.Response] = {}
+
+    async def swap() -> None:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            reload["response"] = await http.post("/v1/admin/reload", headers=AUTH)
+
+    responses = asyncio.run(requests_held_across(server, x, swap))
+    check_answered_by_the_old_set(responses, y)
+    assert reload["response"].status_code == 200 and reload["response"].json()["default"]["version"] == "11.0.0"
+    after = httpx.post(f"{server.url}/v1/predict", json=pixels_payload(x[0]), headers=AUTH, timeout=10)
+    assert served_version(after) == "11.0.0" and after.json()["digit"] == y[0]
+    assert server.stop() == 0
+    assert "drained the previous model set" in server.log() and "Traceback" not in server.log()
+
+
+def test_sighup_reloads_without_dropping_requests_and_a_bad_one_changes_nothing(
+    live_server: StartServer, repo: Path, mnist_test: tuple
+) -> None:
+    server = held_server(live_server, repo)
+    x, y = mnist_test
+    add_version(repo, MODEL_NAME, "11.0.0")
+    responses = asyncio.run(requests_held_across(server, x, lambda: server.process.send_signal(signal.SIGHUP)))
+    check_answered_by_the_old_set(responses, y)
+    wait_for_default(server, "11.0.0")
+
+    broken = add_version(repo, MODEL_NAME, "12.0.0")
+    (broken / f"{MODEL_NAME}.onnx").write_bytes(b"\0" * 64)
+    server.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while metric(httpx.get(f"{server.url}/metrics").text, "mnist_serve_reloads_total", result="failed") < 1:
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+    after = httpx.post(f"{server.url}/v1/predict", json=pixels_payload(x[1]), headers=AUTH, timeout=10)
+    assert served_version(after) == "11.0.0" and after.json()["digit"] == y[1]
+    assert server.process.poll() is None  # SIGHUP never kills it
+    assert server.stop() == 0
+    log = server.log()
+    assert "reload failed, still serving" in log and "sha256" in log
+
+
+# --- helpers -----------------------------------------------------------------------------------------------
+
+
+def png_of_a_stroke() -> bytes:
+    image = np.zeros((28, 28), dtype=np.uint8)
+    image[8:20, 13:15] = 255  # a stroke: a blank image is refused
+    return png_bytes(image)
+
+
+def wait_ready(client: TestClient, timeout_s: float = 30) -> None:
+    wait_for_status(client, "/readyz", 200, timeout_s)
+
+
+def wait_for_status(client: TestClient, path: str, status: int, timeout_s: float = 30) -> httpx.Response:
+    deadline = time.monotonic() + timeout_s
+    while (response := client.get(path)).status_code != status:
+        assert time.monotonic() < deadline, response.text
+        time.sleep(0.02)
+    return response
+
+
+def wait_for_default(server: LiveServer, version: str, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(f"{server.url}/readyz", timeout=5).json()["model"]["version"] != version:
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
