@@ -123,7 +123,7 @@ def plot_all(x: np.ndarray, y_true: np.ndarray, probs: np.ndarray, rep: dict[str
         a1.plot(epochs, history["loss"], label="train")
         if "val_loss" in history:
             a1.plot(epochs, history["val_loss"], label="validation")
-        a1.set(xlabel="epoch", ylabel="loss", title="loss")
+        a1.set(xlabel="epoch", ylabel="loss", title="loss", yscale="log")
         a1.legend()
         a2.plot(epochs, history.get("accuracy", []), label="train")
         if "val_accuracy" in history:
