@@ -306,6 +306,6 @@ def test_the_example_script_against_a_live_server(live_server: StartServer) -> N
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "one request, 100 digits, binary tensors: accuracy" in done.stdout
+    assert "1 request(s) of up to 1024 digits, binary tensors: accuracy" in done.stdout
     assert "both ways agree on every digit: True" in done.stdout
     assert server.stop() == 0
