@@ -133,6 +133,8 @@ def parse_infer_request(body: bytes, header_length: str | None, *, input_name: s
         request = json.loads(header)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"the inference request is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError("the inference request nests JSON arrays too deeply") from None
     request = _object(request, "the inference request")
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):

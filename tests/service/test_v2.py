@@ -243,6 +243,7 @@ def test_binary_tensors_both_ways_by_hand(client: TestClient, mnist_test: tuple,
     ("body", "status", "fragment"),
     [
         (b"{not json", 400, "not valid JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, 400, "too deeply"),
         (json.dumps({"inputs": []}).encode(), 400, "exactly one tensor"),
         (json.dumps(infer_body([0.0] * 10, [1, 784])).encode(), 400, "holds 10 values"),
         (json.dumps(infer_body([[0.0] * 784, [0.0]], [2, 784])).encode(), 400, "ragged"),
