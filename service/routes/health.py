@@ -33,14 +33,18 @@ async def readyz(state: StateDep) -> Health | JSONResponse:
 
 @router.get("/v1/models", response_model=ModelsResponse, tags=["models"])
 async def list_models(state: StateDep) -> ModelsResponse:
-    """Every model version this instance serves: name, version, tensors, the test accuracy from the model card,
-    and which one is the default (the one a request naming no model gets; name others with `?model=&version=`)."""
+    """Every model version this instance serves: name, version, tensors, the test accuracy from the model card.
+
+    The default model (the one a request naming no model gets) comes first, with `"default": true`; the others
+    follow by name and version. Name one of them with `?model=&version=` on /v1/predict.
+    """
     models = state.models
     if models is None:
         return ModelsResponse(models=[])
+    ordered = [models.default, *(m for m in models if m is not models.default)]
     return ModelsResponse(
         models=[
             ModelInfo.model_validate({**m.classifier.describe(), "ready": state.ready, "default": m is models.default})
-            for m in models
+            for m in ordered
         ]
     )

@@ -120,9 +120,9 @@ def test_every_version_is_listed_and_requests_name_one(make_client: ClientFactor
     committed = committed_card()["version"]
     listed = client.get("/v1/models").json()["models"]
     assert [(m["name"], m["version"], m["default"]) for m in listed] == [
+        (MODEL_NAME, "10.0.0", True),  # the highest version is the default, listed first
         (MODEL_NAME, committed, False),
         (MODEL_NAME, "7.0.0", False),
-        (MODEL_NAME, "10.0.0", True),  # the highest version is the default
     ]
     assert all(m["ready"] and m["sha256"] == committed_card()["onnx"]["sha256"] for m in listed)
     assert client.get("/readyz").json()["model"] == {"name": MODEL_NAME, "version": "10.0.0"}
