@@ -1,4 +1,4 @@
-"""The orjson/numpy fast path of service.codec means exactly what pydantic's validation of the request models means.
+"""The msgspec/numpy fast path of service.codec means exactly what pydantic's validation of the request models means.
 
 Every document is parsed twice, once as the service does it and once with the fast path switched off (pydantic
 alone, as before the codec existed); the images, options and error messages must be the same.
