@@ -39,6 +39,7 @@ from pydantic.json_schema import models_json_schema
 from service.batching import InferenceRunner, MicroBatcher, UnbatchedRunner
 from service.deps import ServiceState, StateDep
 from service.errors import register_error_handlers
+from service.memory import tune_malloc
 from service.metrics import ServiceMetrics
 from service.middleware import BodySizeLimit, RequestMetrics
 from service.model import OnnxClassifier, load_repository, model_paths
@@ -214,7 +215,12 @@ def create_app(
 
 
 def app_from_env() -> FastAPI:
-    """``uvicorn --factory service.main:app_from_env``: the app configured from the environment."""
+    """``uvicorn --factory service.main:app_from_env``: the app configured from the environment.
+
+    Runs once in each server process (every uvicorn worker), before the model loads: the place for process-wide
+    tuning that tests creating apps in-process should not get.
+    """
+    tune_malloc()
     return create_app(Settings())
 
 
