@@ -6,7 +6,7 @@ PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: run test test-slow test-containers train train-seed smoke lint bench clean
+.PHONY: run test test-slow test-containers train train-seed quantize smoke lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,11 @@ train: $(VENV)/.dev
 	$(BIN)/mnist-train --model cnn
 	$(BIN)/mnist-evaluate --run runs/cnn --docs docs
 	$(BIN)/mnist-export --run runs/cnn --out models
+	$(BIN)/mnist-quantize || echo "no int8 model written: it must keep the accuracy and be faster (a stale models/mnist-cnn-int8.* fails the tests)"
+
+## quantize: models/mnist-cnn-int8.onnx + card (static int8, QDQ), written only if it keeps the accuracy and is faster
+quantize: $(VENV)/.dev
+	$(BIN)/mnist-quantize
 
 ## train-seed: the published baseline, for comparison
 train-seed: $(VENV)/.dev

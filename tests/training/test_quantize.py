@@ -1,0 +1,73 @@
+"""The int8 model: mnist-quantize's pieces on the committed float model, and the shipped int8 file against its card."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime.quantization")
+
+from training import quantize
+from training.data import Mnist, load_mnist
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+FP32, FP32_CARD = MODELS / "mnist-cnn.onnx", MODELS / "mnist-cnn.json"
+INT8, INT8_CARD = MODELS / "mnist-cnn-int8.onnx", MODELS / "mnist-cnn-int8.json"
+
+
+@pytest.fixture(scope="module")
+def fp32_card() -> dict:
+    return json.loads(FP32_CARD.read_text())
+
+
+@pytest.fixture(scope="module")
+def mnist() -> Mnist:
+    return load_mnist()
+
+
+def test_calibration_images_come_from_the_training_split(fp32_card: dict, mnist: Mnist) -> None:
+    from training.config import TrainConfig
+    from training.train import split_data
+
+    x = quantize.calibration_images(fp32_card, 40, mnist)
+    assert x.shape == (40, 28, 28, 1) and x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1
+    split = split_data(mnist, TrainConfig(**fp32_card["training"]["config"]))
+    train = {img.tobytes() for img in split.x_train}
+    assert all((np.rint(img[..., 0] * 255).astype(np.uint8)).tobytes() in train for img in x)
+
+
+def test_a_quantized_model_serves_like_the_float_one(
+    tmp_path: Path, fp32_card: dict, mnist: Mnist, mnist_test: tuple
+) -> None:
+    from service.model import load_files
+
+    x_cal = quantize.calibration_images(fp32_card, 100, mnist)
+    out = tmp_path / "mnist-cnn-int8.onnx"
+    quantize.quantize(FP32, out, x_cal)
+    x, y = (mnist_test[0][:1000].astype(np.float32) / 255.0)[..., None], mnist_test[1][:1000]
+    fp32, int8 = quantize.measure(FP32, x, y), quantize.measure(out, x, y)
+    card = quantize.build_card(fp32_card, out, "mnist-cnn-int8", fp32, int8, {"images": 100})
+    assert card["onnx"]["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert set(card) >= set(fp32_card) and card["quantization"]["from"]["sha256"] == fp32_card["onnx"]["sha256"]
+    assert card["onnx"]["parity"]["argmax_agreement"] >= 990
+    (tmp_path / "mnist-cnn-int8.json").write_text(json.dumps(card))
+    served = load_files(out, tmp_path / "mnist-cnn-int8.json")  # the service's checks: hash, tensors, warm-up
+    assert served.name == "mnist-cnn-int8"
+    assert np.mean(served.predict(x).argmax(1) == y) >= fp32["metrics"]["test_accuracy"] - 0.01
+
+
+@pytest.mark.skipif(not INT8.exists(), reason="no int8 model shipped")
+def test_the_shipped_int8_model_keeps_its_promises(fp32_card: dict, mnist_test: tuple) -> None:
+    card = json.loads(INT8_CARD.read_text())
+    assert card["name"] == "mnist-cnn-int8" and card["onnx"]["file"] == INT8.name
+    assert card["onnx"]["sha256"] == hashlib.sha256(INT8.read_bytes()).hexdigest()
+    assert card["quantization"]["from"]["sha256"] == fp32_card["onnx"]["sha256"], "quantized from the shipped model"
+    x, y = (mnist_test[0].astype(np.float32) / 255.0)[..., None], mnist_test[1]
+    probs = quantize.predict(quantize._session(INT8), x)
+    assert int(np.sum(probs.argmax(1) != y)) == card["metrics"]["test_errors"]
+    drop_pp = (fp32_card["metrics"]["test_accuracy"] - card["metrics"]["test_accuracy"]) * 100
+    assert drop_pp <= quantize.MAX_DROP_PP + 1e-9

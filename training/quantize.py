@@ -1,0 +1,238 @@
+"""Static int8 quantization of the exported model (QDQ, per-channel), judged against the float model.
+
+    mnist-quantize                                   # models/mnist-cnn.onnx -> models/mnist-cnn-int8.onnx + card
+    mnist-quantize --calibration-images 1000 --method percentile --out /tmp/int8
+
+Weights are quantized per output channel, activations per tensor with ranges calibrated on images from the
+float model's own training split (never its validation or test images), after onnxruntime's pre-processing
+(shape inference and graph optimisation). Both models are then measured the same way on this machine: accuracy
+on all 10,000 test images, and onnxruntime throughput with the service's session options (one thread) at
+batch 1 and 256.
+
+The int8 model and its card (the same layout ``mnist-export`` writes, named ``<name>-int8``) are written only
+when it keeps the accuracy (at most ``--max-drop-pp`` percentage points below the float model) and is faster at
+both batch sizes; otherwise the figures are printed, nothing is written, and the exit status is 1.
+``--force`` writes it regardless (for experiments; the card still carries the figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.config import TrainConfig
+from training.data import Mnist, load_mnist
+from training.export import CARD_SCHEMA_VERSION, INPUT_NAME, OUTPUT_NAME, classification_metrics
+
+#: Most accuracy the int8 model may lose against the float model, in percentage points.
+MAX_DROP_PP = 0.05
+CALIBRATION_IMAGES = 500
+CALIBRATION_BATCH = 50
+BENCH_IMAGES = 1000
+
+
+def _session(model: Path | bytes, threads: int = 1) -> Any:
+    import onnxruntime as ort
+
+    from service.model import session_options  # the options the service runs the model with
+
+    source = str(model) if isinstance(model, Path) else model
+    return ort.InferenceSession(source, sess_options=session_options(threads, 1), providers=["CPUExecutionProvider"])
+
+
+def predict(session: Any, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    runs = [session.run([OUTPUT_NAME], {INPUT_NAME: x[i : i + batch]})[0] for i in range(0, len(x), batch)]
+    return np.concatenate(runs)
+
+
+def throughput(session: Any, x: np.ndarray, batch: int, rounds: int = 5) -> float:
+    """Images per second over ``x`` at the given batch size: the best of ``rounds`` passes."""
+    predict(session, x[: max(batch, 1)], batch)
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for i in range(0, len(x), batch):
+            session.run([OUTPUT_NAME], {INPUT_NAME: x[i : i + batch]})
+        best = min(best, time.perf_counter() - start)
+    return len(x) / best
+
+
+class _Calibration:
+    """onnxruntime's CalibrationDataReader protocol over a fixed array of images."""
+
+    def __init__(self, x: np.ndarray, batch: int = CALIBRATION_BATCH) -> None:
+        self._batches: Iterator[np.ndarray] = iter(x[i : i + batch] for i in range(0, len(x), batch))
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._batches, None)
+        return None if batch is None else {INPUT_NAME: batch}
+
+
+def calibration_images(card: dict[str, Any], count: int, mnist: Mnist) -> np.ndarray:
+    """``count`` images drawn (seeded) from the float model's training split, as float32 [N, 28, 28, 1] in 0..1."""
+    from training.train import split_data
+
+    config = TrainConfig(**card["training"]["config"])
+    split = split_data(mnist, config)
+    pick = np.random.default_rng(config.seed + 1).choice(len(split.x_train), size=count, replace=False)
+    return (split.x_train[np.sort(pick)].astype(np.float32) / 255.0)[..., None]
+
+
+def quantize(fp32_path: Path, out_path: Path, x_cal: np.ndarray, method: str = "minmax") -> None:
+    """Pre-process ``fp32_path`` and quantize it to int8 QDQ (per-channel weights) at ``out_path``."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        # ONNX's own shape inference covers this plain CNN; the symbolic one (for transformers) would need sympy.
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared),
+            str(out_path),
+            _Calibration(x_cal),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=methods[method],
+        )
+
+
+def measure(path: Path, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """Test-set metrics, the probabilities, and single-thread throughput at batch 1 and 256."""
+    session = _session(path)
+    probs = predict(session, x)
+    speed = {f"batch_{b}": round(throughput(session, x[:BENCH_IMAGES], b), 1) for b in (1, 256)}
+    return {"metrics": classification_metrics(y, probs), "probs": probs, "images_per_second": speed}
+
+
+def build_card(
+    fp32_card: dict[str, Any],
+    out_path: Path,
+    name: str,
+    fp32: dict[str, Any],
+    int8: dict[str, Any],
+    calibration: dict[str, Any],
+) -> dict[str, Any]:
+    """The float model's card with this file's identity, metrics and a ``quantization`` record."""
+    data = out_path.read_bytes()
+    drop_pp = round((fp32["metrics"]["test_accuracy"] - int8["metrics"]["test_accuracy"]) * 100, 4)
+    diff = np.abs(fp32["probs"] - int8["probs"])
+    agree = int(np.sum(fp32["probs"].argmax(1) == int8["probs"].argmax(1)))
+    onnx_part = dict(fp32_card["onnx"])
+    onnx_part.update(
+        file=out_path.name,
+        opset=_opset(out_path),
+        sha256=hashlib.sha256(data).hexdigest(),
+        bytes=len(data),
+        parity={
+            "against": fp32_card["name"],
+            "images": len(diff),
+            "max_abs_diff": float(diff.max()),
+            "argmax_identical": agree == len(diff),
+            "argmax_agreement": agree,
+        },
+    )
+    return {
+        **fp32_card,
+        "schema_version": CARD_SCHEMA_VERSION,
+        "name": name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "description": f"{fp32_card['description']} Static int8 quantization (QDQ) of {fp32_card['name']}.",
+        "onnx": onnx_part,
+        "metrics": int8["metrics"],
+        "quantization": {
+            "format": "QDQ",
+            "weights": "int8, per channel",
+            "activations": "uint8, per tensor",
+            "calibration": calibration,
+            "from": {"name": fp32_card["name"], "version": fp32_card["version"], "sha256": fp32_card["onnx"]["sha256"]},
+            "accuracy_drop_pp": drop_pp,
+            "images_per_second": {
+                "int8": int8["images_per_second"],
+                "float32": fp32["images_per_second"],
+                "threads": 1,
+            },
+        },
+        "libraries": {**fp32_card.get("libraries", {}), **_library_versions()},
+    }
+
+
+def _opset(path: Path) -> int:
+    import onnx
+
+    return next(o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _library_versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", type=Path, default=Path("models"), help="where the float model and its card are")
+    parser.add_argument("--name", default="mnist-cnn", help="the float model's name")
+    parser.add_argument("--out", type=Path, help="where to write <name>-int8.onnx + .json (default: --models)")
+    parser.add_argument("--calibration-images", type=int, default=CALIBRATION_IMAGES)
+    parser.add_argument("--method", choices=("minmax", "entropy", "percentile"), default="minmax")
+    parser.add_argument("--max-drop-pp", type=float, default=MAX_DROP_PP)
+    parser.add_argument("--force", action="store_true", help="write the int8 model even if it does not qualify")
+    parser.add_argument("--data-dir", type=Path)
+    args = parser.parse_args(argv)
+
+    fp32_path, card_path = args.models / f"{args.name}.onnx", args.models / f"{args.name}.json"
+    fp32_card = json.loads(card_path.read_text())
+    name = f"{args.name}-int8"
+    out_dir = args.out or args.models
+    mnist = load_mnist(args.data_dir)
+    x_cal = calibration_images(fp32_card, args.calibration_images, mnist)
+    x_test, y_test = (mnist.x_test.astype(np.float32) / 255.0)[..., None], mnist.y_test
+
+    with tempfile.TemporaryDirectory() as tmp:
+        candidate = Path(tmp) / f"{name}.onnx"
+        quantize(fp32_path, candidate, x_cal, args.method)
+        fp32, int8 = measure(fp32_path, x_test, y_test), measure(candidate, x_test, y_test)
+        calibration = {
+            "images": len(x_cal),
+            "source": "MNIST training split of the float model (seeded sample)",
+            "method": args.method,
+        }
+        card = build_card(fp32_card, candidate, name, fp32, int8, calibration)
+        q = card["quantization"]
+        faster = all(int8["images_per_second"][k] > fp32["images_per_second"][k] for k in ("batch_1", "batch_256"))
+        accurate = q["accuracy_drop_pp"] <= args.max_drop_pp
+        print(f"float32: accuracy {fp32['metrics']['test_accuracy']:.4%}, {fp32['images_per_second']} images/s")
+        print(f"int8:    accuracy {int8['metrics']['test_accuracy']:.4%}, {int8['images_per_second']} images/s")
+        print(f"accuracy drop {q['accuracy_drop_pp']:+.3f} pp (limit {args.max_drop_pp}); "
+              f"argmax agreement {card['onnx']['parity']['argmax_agreement']}/{len(y_test)}; "
+              f"{'faster' if faster else 'NOT faster'} at batch 1 and 256")
+        if not (accurate and faster) and not args.force:
+            print("not written: the int8 model must keep the accuracy and be faster", file=sys.stderr)
+            return 1
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"{name}.onnx").write_bytes(candidate.read_bytes())
+        (out_dir / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
+    print(f"wrote {out_dir / (name + '.onnx')} and its card")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
