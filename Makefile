@@ -73,7 +73,12 @@ lint: $(VENV)/.dev
 	$(BIN)/ruff check training service tests bench
 	$(BIN)/mypy service
 
+## bench: the latency/throughput table against the in-process limit (README: Performance); load from wrk, which it
+## installs from Debian when it can (root with apt-get), else from bench/loadgen.py (httpx)
 bench: $(VENV)/.dev
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get install -y -qq wrk >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null)); } || \
+	  echo "wrk is not installed: load comes from bench/loadgen.py (httpx)"
 	$(BIN)/python -m bench.run
 
 clean:

@@ -7,9 +7,12 @@
     and batch 256 — the limit the HTTP rows are compared with;
 (b) POST /v1/predict/batch with the same 1,000 images per request;
 (c) POST /v1/predict single requests at concurrency 1 (p50, p99) and 64 (throughput, p99), micro-batching on
-    and off.
+    and off;
+(d) when models/<name>-int8.onnx exists: the int8 model in-process, and served (batch endpoint, concurrency 1).
 Load comes from a separate process (wrk when installed, else an async httpx client in a subprocess), only to
-127.0.0.1, bounded in time. The server's start-to-ready time and peak RSS (VmHWM) are reported too.
+127.0.0.1, bounded in time; on a small machine it shares the cores with the server. The server runs as shipped
+(every model in the model directory loaded) except for its access log, which is off. The server's
+start-to-ready time and peak RSS (VmHWM) are reported too.
 """
 
 from __future__ import annotations
@@ -73,7 +76,8 @@ def serve(model_dir: Path, model_name: str, **env: str) -> Iterator[Server]:
     port = free_port()
     environ = {**os.environ, "MNIST_SERVE_HOST": HOST, "MNIST_SERVE_PORT": str(port),
                "MNIST_SERVE_MODEL_DIR": str(model_dir), "MNIST_SERVE_MODEL_NAME": model_name,
-               "MNIST_SERVE_LOG_LEVEL": "warning", **{f"MNIST_SERVE_{k.upper()}": v for k, v in env.items()}}
+               "MNIST_SERVE_LOG_LEVEL": "warning", "MNIST_SERVE_ACCESS_LOG": "false",
+               **{f"MNIST_SERVE_{k.upper()}": v for k, v in env.items()}}
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "service.main"], env=environ, cwd=ROOT)
     url = f"http://{HOST}:{port}"
@@ -116,7 +120,8 @@ def in_process(model_dir: Path, model_name: str, x: np.ndarray, threads: int) ->
     return out
 
 
-def bench_batch_endpoint(url: str, images: np.ndarray, seconds: float) -> Row:
+def bench_batch_endpoint(url: str, images: np.ndarray, seconds: float, label: str = "",
+                         baseline: str = "batch256") -> Row:
     body = json.dumps({"items": [{"pixels": img.tolist(), "scale": "0-255"} for img in images]}).encode()
     times: list[float] = []
     with httpx.Client(timeout=60) as client:
@@ -127,8 +132,8 @@ def bench_batch_endpoint(url: str, images: np.ndarray, seconds: float) -> Row:
             times.append(time.perf_counter() - t)
             r.raise_for_status()
     best = min(times)
-    return Row(f"/v1/predict/batch, {len(images)} images per request", len(images) / best,
-               float(np.median(times)) * 1e3, None)
+    return Row(f"/v1/predict/batch, {len(images)} images{label}", len(images) / best,
+               float(np.median(times)) * 1e3, None, baseline=baseline)
 
 
 WRK_SCRIPT = """
@@ -204,21 +209,37 @@ def main(argv: list[str] | None = None) -> int:
                             rps, p50, p99))
             extra[f"peak_rss_mb_batching_{batching}"] = peak_rss_mb(server.pid)
 
+    int8 = f"{args.model_name}-int8"
+    if (args.model_dir / f"{int8}.onnx").exists():
+        q = in_process(args.model_dir, int8, x, threads=1)
+        limit.update(int8_batch1=q["batch1"], int8_batch256=q["batch256"])
+        rows += [Row("int8 in-process ORT, batch 1 (1 thread)", q["batch1"], 1e3 / q["batch1"], baseline="batch1"),
+                 Row("int8 in-process ORT, batch 256 (1 thread)", q["batch256"])]
+        with serve(args.model_dir, int8) as server:
+            rows.append(bench_batch_endpoint(server.url, x_u8, args.duration, ", int8", baseline="int8_batch256"))
+            rps, p50, p99 = load_single(server.url, single_body, 1, args.duration)
+            rows.append(Row("/v1/predict, concurrency 1, int8", rps, p50, p99, baseline="int8_batch1"))
+            rps, p50, p99 = load_single(server.url, single_body, 64, args.duration)
+            rows.append(Row("/v1/predict, concurrency 64, int8", rps, p50, p99, baseline="int8_batch256"))
+            extra["peak_rss_mb_int8"] = peak_rss_mb(server.pid)
+
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
     print(f"\nmnist-serve benchmark — {args.model_name}, {os.cpu_count()} CPU cores ({cpu}), "
           f"Python {platform.python_version()}, load from {'wrk' if shutil.which('wrk') else 'httpx'}\n")
+    refs = {"batch1": "batch 1", "batch256": "batch 256", "int8_batch1": "int8 b1", "int8_batch256": "int8 b256"}
     print(f"| {'what':<46} | {'images/s':>9} | {'p50 ms':>7} | {'p99 ms':>7} | {'ratio to in-process':>22} |")
-    print(f"|{'-' * 48}|{'-' * 11}:|{'-' * 8}:|{'-' * 8}:|{'-' * 23}:|")
+    print(f"|{'-' * 48}|{'-' * 10}:|{'-' * 8}:|{'-' * 8}:|{'-' * 23}:|")
     for row in rows:
         ratio = row.throughput / limit[row.baseline]
-        ref = "batch 1" if row.baseline == "batch1" else "batch 256"
         fmt = lambda v: f"{v:.2f}" if v is not None else "—"  # noqa: E731
         print(f"| {row.name:<46} | {row.throughput:>9.0f} | {fmt(row.p50_ms):>7} | {fmt(row.p99_ms):>7} | "
-              f"{ratio:>8.2f} × ({ref:>9}) |")
+              f"{ratio:>8.2f} × ({refs[row.baseline]:>9}) |")
     on = next(r for r in rows if r.name.endswith("concurrency 64, batching on")).throughput
     off = next(r for r in rows if r.name.endswith("concurrency 64, batching off")).throughput
-    print(f"\nmicro-batching speed-up at concurrency 64: {on / off:.2f}×")
+    print(f"\nmicro-batching speed-up at concurrency 64: {on / off:.2f}× "
+          f"(the model's own gain from batching, in-process batch 256 over batch 1: "
+          f"{limit['batch256'] / limit['batch1']:.2f}×)")
     print(f"start to ready: {extra['ready_s_batching_true']:.2f} s; "
           f"server peak RSS: {max(v for k, v in extra.items() if k.startswith('peak')):.0f} MB")
     if args.json:
