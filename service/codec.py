@@ -111,8 +111,9 @@ def parse_batch(body: bytes | bytearray, max_items: int) -> Parsed:
         return Parsed([_from_model(item) for item in request.items], request.top_k, request.return_image)
 
 
-def too_many_items(count: int, max_items: int) -> PayloadTooLarge:
-    return PayloadTooLarge(f"{count} items is more than the {max_items} one batch may carry", code="too_many_items")
+def too_many_items(count: int, max_items: int, at_least: bool = False) -> PayloadTooLarge:
+    counted = f"at least {count}" if at_least else str(count)
+    return PayloadTooLarge(f"{counted} items is more than the {max_items} one batch may carry", code="too_many_items")
 
 
 def _validate(model: type[Any], body: bytes | bytearray) -> Any:

@@ -191,6 +191,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     meaning = {
         401: "API key missing or wrong",
         413: "body or batch too large",
+        404: "no model of that name, or no such version of it (?model=, ?version=)",
         415: "not JSON / multipart, or the file is not an image",
         422: "invalid input: shape, NaN/Inf, undecodable image, image too large, blank image",
         503: "model not ready, or overloaded (see Retry-After)",

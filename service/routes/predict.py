@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.codec import Item, encode, item_image, parse_batch, parse_predict, predictions, too_many_items
 from service.deps import ReadyModel, ReadyModelDep, require_api_key
@@ -30,6 +31,8 @@ router = APIRouter(prefix="/v1", tags=["predict"], dependencies=[Depends(require
 
 JSON = "application/json"
 MULTIPART = "multipart/form-data"
+#: Form fields besides the files: top_k, return_image, and room for what clients add on their own.
+MAX_FORM_FIELDS = 16
 
 #: A request's 28×28 images: as one n × 28 × 28 array when the parser made one (else None), and as a list.
 Images = tuple[FloatArray | None, list[FloatArray]]
@@ -96,13 +99,23 @@ async def _preprocess(items: Sequence[Item], settings: Settings, indexed: bool =
     return _items_images(items, settings, indexed)
 
 
-async def _form_files(request: Request, settings: Settings, max_files: int) -> tuple[list[bytes], _FormOptions]:
-    async with request.form(max_files=max_files, max_fields=16) as form:
+async def _form_files(request: Request, settings: Settings, batch: bool) -> tuple[list[bytes], _FormOptions]:
+    max_files = settings.max_batch_items if batch else 1
+    try:
+        form = await request.form(max_files=max_files, max_fields=MAX_FORM_FIELDS)
+    except StarletteHTTPException as exc:
+        if exc.status_code != 400:  # e.g. the body size limit's 413
+            raise
+        # Starlette's parser refuses a malformed body or one over its limits with a bare 400; say it like /v1 does.
+        if "Too many files" in str(exc.detail):
+            if batch:
+                raise too_many_items(max_files + 1, max_files, at_least=True) from None
+            raise InvalidInput("send one image, in the field 'file' (several go to /v1/predict/batch)") from None
+        raise InvalidInput(f"the multipart body could not be read: {exc.detail}") from None
+    try:
         uploads = [f for f in form.getlist("file") if isinstance(f, UploadFile)]
         if not uploads:
             raise InvalidInput("the multipart body needs an image in a field named 'file'")
-        if len(uploads) > settings.max_batch_items:
-            raise too_many_items(len(uploads), settings.max_batch_items)
         for upload in uploads:
             check_media_type(upload.content_type)
         payloads = [await upload.read() for upload in uploads]
@@ -112,6 +125,8 @@ async def _form_files(request: Request, settings: Settings, max_files: int) -> t
             )
         except ValidationError as exc:
             raise validation_error(exc.errors(include_url=False)) from None
+    finally:
+        await form.close()
     return payloads, options
 
 
@@ -161,7 +176,7 @@ async def _read_items(request: Request, settings: Settings, batch: bool) -> tupl
         images = await _preprocess(parsed.items, settings, indexed=batch)
         return (None, images), parsed.top_k, parsed.return_image
     if kind == MULTIPART:
-        payloads, options = await _form_files(request, settings, max_files=settings.max_batch_items if batch else 1)
+        payloads, options = await _form_files(request, settings, batch)
         images = await asyncio.to_thread(_decode_uploads, payloads, settings)
         return (None, images), options.top_k, options.return_image
     raise UnsupportedMediaType(f"send {JSON} or {MULTIPART}, not {kind or 'no content type'!r}")
@@ -172,7 +187,7 @@ async def _read_items(request: Request, settings: Settings, batch: bool) -> tupl
     response_model=PredictResponse,
     response_model_exclude_none=True,
     summary="Classify one digit",
-    responses=error_responses(401, 413, 415, 422, 503),
+    responses=error_responses(401, 404, 413, 415, 422, 503),
     openapi_extra=_body_doc("PredictRequest", "One image file in the field `file`.", many=False),
 )
 async def predict(
@@ -194,7 +209,7 @@ async def predict(
     response_model=BatchResponse,
     response_model_exclude_none=True,
     summary="Classify many digits in one request",
-    responses=error_responses(401, 413, 415, 422, 503),
+    responses=error_responses(401, 404, 413, 415, 422, 503),
     openapi_extra=_body_doc("BatchRequest", "Image files, each in a field named `file`, answered in order.", many=True),
 )
 async def predict_batch(
