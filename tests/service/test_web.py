@@ -447,10 +447,13 @@ def test_controls_are_reachable_with_the_keyboard(page: PageWatch) -> None:
     for control in ("clear-button", "predict-button", "file-input"):
         assert control in reached, f"{control} cannot be reached with Tab (got {reached})"
     # The hidden file input shows its focus on the drop zone, and Space/Enter opens the file chooser.
-    p.focus("#file-input")
+    upload = p.locator("#file-input")
+    upload.focus()
+    p.wait_for_function("document.activeElement && document.activeElement.id === 'file-input'")
     shoot(p, "keyboard-focus-on-upload")
-    with p.expect_file_chooser() as chooser:
-        p.keyboard.press("Space")
+    # Focus and key press in one step, with room for a loaded CI machine: Chromium opens the chooser asynchronously.
+    with p.expect_file_chooser(timeout=60_000) as chooser:
+        upload.press("Space")
     assert chooser.value.element.get_attribute("id") == "file-input"
     # The buttons work from the keyboard too.
     p.focus("#predict-button")
