@@ -20,7 +20,7 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus.yml"
 K8S_DIR = ROOT / "k8s"
-DOCS = ROOT / "docs" / "deployment.md"
+DOCS = ROOT / "README.md"
 CHECKOV_VENV = ROOT / ".venv-checkov"
 
 

@@ -1,5 +1,5 @@
-"""docs/deployment.md stays in step with the service and the manifests: every setting in its table, and the
-commands it gives point at files that exist.
+"""The README's deployment section stays in step with the service and the manifests: every setting in its
+table, and the commands it gives point at files that exist.
 
     pytest tests/deploy/test_docs.py
 """
