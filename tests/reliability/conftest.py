@@ -14,9 +14,11 @@ from types import ModuleType
 
 HERE = Path(__file__).resolve().parent
 SERVICE_TESTS = HERE.parent / "service"
-for folder in (SERVICE_TESTS, HERE):
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
+if str(SERVICE_TESTS) not in sys.path:
+    sys.path.insert(0, str(SERVICE_TESTS))
+# Appended, not prepended: the service tests' `from conftest import ...` must keep finding their own conftest.
+if str(HERE) not in sys.path:
+    sys.path.append(str(HERE))
 
 
 def _load(name: str, path: Path) -> ModuleType:
