@@ -80,14 +80,18 @@ class _NeedsPydantic(Exception):
     """The document is not in the plain documented form: pydantic decides what it means."""
 
 
+#: What sends a body to pydantic: not JSON, nested deeper than msgspec recurses, or not in the plain form.
+_NOT_PLAIN = (msgspec.DecodeError, RecursionError, _NeedsPydantic)
+
+
 def parse_predict(body: bytes | bytearray) -> Parsed:
     """A ``POST /v1/predict`` JSON body (see :class:`~service.schemas.PredictRequest`)."""
     try:
         doc = _decode(body)
-        if type(doc) is not dict or not doc.keys() <= _REQUEST_FIELDS:
+        if type(doc) is not dict:
             raise _NeedsPydantic
         return _fast_parsed([doc], _REQUEST_FIELDS, doc)
-    except (msgspec.DecodeError, _NeedsPydantic):
+    except _NOT_PLAIN:
         request: PredictRequest = _validate(PredictRequest, body)
         return Parsed([_from_model(request)], request.top_k, request.return_image)
 
@@ -104,7 +108,7 @@ def parse_batch(body: bytes | bytearray, max_items: int) -> Parsed:
         if len(items) > max_items:
             raise too_many_items(len(items), max_items)  # before any item is looked at
         return _fast_parsed(items, _ITEM_FIELDS, doc)
-    except (msgspec.DecodeError, _NeedsPydantic):
+    except _NOT_PLAIN:
         request: BatchRequest = _validate(BatchRequest, body)
         if len(request.items) > max_items:
             raise too_many_items(len(request.items), max_items) from None

@@ -155,3 +155,14 @@ def test_predictions_round_and_rank() -> None:
     assert [c["digit"] for c in out[1]["top_k"]] == [0, 1]  # ties keep digit order
     assert out[1]["image"]["width"] == 28 and len(out[1]["image"]["pixels"]) == 28
     assert json.loads(codec.encode({"predictions": out})) == {"predictions": out}
+
+
+@pytest.mark.parametrize("depth", [70, 300, 100_000])
+def test_deeply_nested_json_is_invalid_input_not_a_crash(monkeypatch: pytest.MonkeyPatch, depth: int) -> None:
+    nested = b"[" * depth + b"1" + b"]" * depth
+    for body in (b'{"pixels": ' + nested + b"}", nested):
+        fast, slow = both_ways(monkeypatch, codec.parse_predict, body)
+        assert fast == slow and fast[0] == "error" and fast[2] == "invalid_input"
+    batch = b'{"items": [{"pixels": ' + nested + b"}]}"
+    fast, slow = both_ways(monkeypatch, lambda b: codec.parse_batch(b, max_items=10), batch)
+    assert fast == slow and fast[0] == "error"
