@@ -215,9 +215,10 @@ def item_image(item: Item) -> FloatImage | None:
 
 
 def predictions(
-    probs: npt.NDArray[np.float32], images: Sequence[FloatImage], top_k: int | None, return_image: bool
+    probs: npt.NDArray[np.float32], images: FloatImage, top_k: int | None, return_image: bool
 ) -> list[dict[str, Any]]:
-    """The ``Prediction`` objects (see :mod:`service.schemas`) for each row of ``probs``, as plain dicts."""
+    """The ``Prediction`` objects (see :mod:`service.schemas`) for each row of ``probs`` (and of the n × 28 × 28
+    ``images`` the model saw), as plain dicts."""
     rows: list[list[float]] = np.round(probs.astype(np.float64), DECIMALS).tolist()
     digits: list[int] = np.argmax(probs, axis=1).tolist()
     out: list[dict[str, Any]] = [

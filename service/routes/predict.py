@@ -23,7 +23,7 @@ from service.codec import Item, encode, item_image, parse_batch, parse_predict, 
 from service.deps import ReadyModel, ReadyModelDep, require_api_key
 from service.errors import InvalidInput, ServiceError, UnsupportedMediaType, validation_error
 from service.model import FloatArray
-from service.preprocess import as_model_input, check_media_type, decode_base64, decode_image
+from service.preprocess import check_media_type, decode_base64, decode_image
 from service.schemas import BatchResponse, PredictResponse, error_responses
 from service.settings import Settings
 
@@ -33,9 +33,6 @@ JSON = "application/json"
 MULTIPART = "multipart/form-data"
 #: Form fields besides the files: top_k, return_image, and room for what clients add on their own.
 MAX_FORM_FIELDS = 16
-
-#: A request's 28×28 images: as one n × 28 × 28 array when the parser made one (else None), and as a list.
-Images = tuple[FloatArray | None, list[FloatArray]]
 
 TopKQuery = Annotated[int | None, Query(ge=1, le=10, description="Also answer the k most likely digits.")]
 ReturnImageQuery = Annotated[bool | None, Query(description="Also answer the 28×28 image the model saw.")]
@@ -141,11 +138,10 @@ def _decode_uploads(payloads: Sequence[bytes], settings: Settings) -> list[Float
 
 
 async def _classify(
-    model: ReadyModel, images: Images, top_k: int | None, return_image: bool
+    model: ReadyModel, images: FloatArray, top_k: int | None, return_image: bool
 ) -> list[dict[str, Any]]:
-    as_one, as_list = images
-    probs = await model.runner.predict(as_model_input(as_list) if as_one is None else as_one[..., np.newaxis])
-    return predictions(probs, as_list, top_k, return_image)
+    probs = await model.runner.predict(images[..., np.newaxis])
+    return predictions(probs, images, top_k, return_image)
 
 
 def _model_ref(model: ReadyModel) -> dict[str, str]:
@@ -164,21 +160,21 @@ async def _body(request: Request) -> bytearray:
     return body
 
 
-async def _read_items(request: Request, settings: Settings, batch: bool) -> tuple[Images, int | None, bool | None]:
-    """The images of a JSON or multipart body, with the top_k / return_image the body names."""
+async def _read_items(request: Request, settings: Settings, batch: bool) -> tuple[FloatArray, int | None, bool | None]:
+    """The images of a JSON or multipart body (float32 n × 28 × 28), with the top_k / return_image it names."""
     kind = _media_type(request)
     if kind == JSON:
         body = await _body(request)
         parsed = parse_batch(body, settings.max_batch_items) if batch else parse_predict(body)
         del body
-        if parsed.images is not None:
-            return (parsed.images, list(parsed.images)), parsed.top_k, parsed.return_image
+        if parsed.images is not None:  # plain pixels, already one array
+            return parsed.images, parsed.top_k, parsed.return_image
         images = await _preprocess(parsed.items, settings, indexed=batch)
-        return (None, images), parsed.top_k, parsed.return_image
+        return np.stack(images), parsed.top_k, parsed.return_image
     if kind == MULTIPART:
         payloads, options = await _form_files(request, settings, batch)
         images = await asyncio.to_thread(_decode_uploads, payloads, settings)
-        return (None, images), options.top_k, options.return_image
+        return np.stack(images), options.top_k, options.return_image
     raise UnsupportedMediaType(f"send {JSON} or {MULTIPART}, not {kind or 'no content type'!r}")
 
 
