@@ -6,8 +6,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,7 +14,7 @@ from pathlib import Path
 _service = sys.modules["service_tests_conftest"]  # tests/service/conftest.py, loaded by this folder's conftest
 ROOT: Path = _service.ROOT
 LiveServer = _service.LiveServer
-free_port = _service.free_port
+spawn_server = _service.spawn_server
 
 
 def rss_mb(pid: int) -> float:
@@ -30,25 +28,14 @@ def rss_mb(pid: int) -> float:
 @contextlib.contextmanager
 def running_server(log_dir: Path, env: dict[str, str] | None = None) -> Iterator[LiveServer]:
     """``python -m service`` on a free port, ready; SIGTERM (then kill) on the way out. For module-wide servers."""
-    port = free_port()
-    log_path = log_dir / f"server-{port}.log"
-    server_env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST_SERVE_")}
-    server_env.update({"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "MNIST_SERVE_PORT": str(port)})
-    server_env.update({"MNIST_SERVE_ACCESS_LOG": "false"})
-    server_env.update(env or {})
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service"], cwd=ROOT, env=server_env, stdout=log_file, stderr=subprocess.STDOUT
-        )
-    server = LiveServer(process=process, port=port, log_path=log_path, env=server_env)
+    server = spawn_server(log_dir / "server.log", env)
     try:
         server.wait_ready()
         yield server
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
+        if server.process.poll() is None:
             try:
-                process.wait(timeout=20)
+                server.stop(timeout_s=20)
             except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+                server.process.kill()
+                server.process.wait(timeout=10)

@@ -138,33 +138,38 @@ class LiveServer:
         return self.process.wait(timeout=timeout_s)
 
 
+def spawn_server(log_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> LiveServer:
+    """Start ``python -m service`` on a free port (the caller's MNIST_SERVE_* variables removed, ``env`` added),
+    its output in ``log_path``; not yet waited for."""
+    port = free_port()
+    server_env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST_SERVE_")}
+    server_env.update(
+        {
+            "PYTHONPATH": str(ROOT),
+            "PYTHONUNBUFFERED": "1",
+            "MNIST_SERVE_PORT": str(port),
+            "MNIST_SERVE_ACCESS_LOG": "false",
+        }
+    )
+    server_env.update(env or {})
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service"],
+            cwd=cwd or ROOT,
+            env=server_env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    return LiveServer(process=process, port=port, log_path=log_path, env=server_env)
+
+
 @pytest.fixture
 def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., LiveServer]]:
     """``live_server(env={...}, cwd=None, wait=True)`` → a started LiveServer; all are stopped at teardown."""
     started: list[LiveServer] = []
 
     def start(env: dict[str, str] | None = None, cwd: Path | None = None, wait: bool = True) -> LiveServer:
-        port = free_port()
-        log_path = tmp_path_factory.mktemp("live-server") / "server.log"
-        server_env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST_SERVE_")}
-        server_env.update(
-            {
-                "PYTHONPATH": str(ROOT),
-                "PYTHONUNBUFFERED": "1",
-                "MNIST_SERVE_PORT": str(port),
-                "MNIST_SERVE_ACCESS_LOG": "false",
-            }
-        )
-        server_env.update(env or {})
-        with log_path.open("wb") as log_file:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "service"],
-                cwd=cwd or ROOT,
-                env=server_env,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-            )
-        server = LiveServer(process=process, port=port, log_path=log_path, env=server_env)
+        server = spawn_server(tmp_path_factory.mktemp("live-server") / "server.log", env, cwd)
         started.append(server)
         if wait:
             server.wait_ready()
@@ -186,24 +191,9 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[.
 @pytest.fixture(scope="module")
 def module_live_server() -> Iterator[LiveServer]:
     """One ``python -m service`` serving the committed model, ready, for every test of the module."""
-    port = free_port()
     log_dir = ROOT / "test-artifacts" / "web"
     log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / "server.log"
-    server_env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST_SERVE_")}
-    server_env.update(
-        {
-            "PYTHONPATH": str(ROOT),
-            "PYTHONUNBUFFERED": "1",
-            "MNIST_SERVE_PORT": str(port),
-            "MNIST_SERVE_ACCESS_LOG": "false",
-        }
-    )
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service"], cwd=ROOT, env=server_env, stdout=log_file, stderr=subprocess.STDOUT
-        )
-    server = LiveServer(process=process, port=port, log_path=log_path, env=server_env)
+    server = spawn_server(log_dir / "server.log")
     try:
         server.wait_ready()
         yield server
