@@ -21,13 +21,30 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import Response
+from pydantic import BaseModel
 
 from service.deps import ServiceState, StateDep, require_api_key
 from service.model import IMAGE_SHAPE
 from service.protocol import HEADER_LENGTH, INPUT_DATATYPE, OUTPUTS, encode_infer_response, parse_infer_request
 from service.repository import ModelSet, ServedModel
 
-router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
+
+class ProtocolError(BaseModel):
+    """The protocol's error body."""
+
+    error: str
+
+
+def _protocol_errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    meaning = {400: "Bad request, or not ready (health and readiness answer 400 with an empty body)",
+               401: "Missing or wrong API key", 404: "Model or version not served", 413: "Body or batch too large",
+               415: "Unsupported content type", 503: "Overloaded or not ready"}
+    return {code: {"model": ProtocolError, "description": meaning[code]} for code in codes}
+
+
+router = APIRouter(
+    prefix="/v2", tags=["open inference protocol (v2)"], responses=_protocol_errors(400, 401, 404, 413, 415, 503)
+)
 
 SERVER_NAME = "mnist-serve"
 EXTENSIONS = ["binary_tensor_data", "model_configuration"]

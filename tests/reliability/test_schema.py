@@ -29,9 +29,6 @@ from service.settings import Settings
 #: Cases per API operation: enough to reach every documented error path, bounded so the module takes ~1 minute.
 EXAMPLES = 150
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
-#: The Open Inference Protocol routes document only their 200 (and FastAPI's 422) so far, while they answer
-#: 400/404 in the protocol's error shape: for them, no server error and a documented content type.
-PROTOCOL_CHECKS = [not_a_server_error, content_type_conformance]
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +45,7 @@ schema = schemathesis.openapi.from_dict(create_app(Settings(model_dir=ROOT / "mo
 @schema.parametrize()
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 def test_every_operation_answers_as_documented(case: schemathesis.Case, server: LiveServer) -> None:
-    checks = PROTOCOL_CHECKS if case.path.startswith("/v2") else CHECKS
-    case.call_and_validate(base_url=server.url, checks=checks, timeout=30)
+    case.call_and_validate(base_url=server.url, checks=CHECKS, timeout=30)
 
 
 def test_the_server_logged_no_traceback(server: LiveServer) -> None:
