@@ -180,7 +180,7 @@ def parse_infer_request(body: bytes, header_length: str | None, *, input_name: s
 def _requested_output(value: Any, binary_default: bool) -> RequestedOutput:
     output = _object(value, "an output")
     name = output.get("name")
-    if name not in OUTPUTS:
+    if not isinstance(name, str) or name not in OUTPUTS:
         raise ProtocolError(f"unknown output {name!r}: this model answers {', '.join(map(repr, OUTPUTS))}")
     parameters = _object(output.get("parameters"), "output 'parameters'")
     if parameters.get("classification"):

@@ -166,3 +166,28 @@ def test_deeply_nested_json_is_invalid_input_not_a_crash(monkeypatch: pytest.Mon
     batch = b'{"items": [{"pixels": ' + nested + b"}]}"
     fast, slow = both_ways(monkeypatch, lambda b: codec.parse_batch(b, max_items=10), batch)
     assert fast == slow and fast[0] == "error"
+
+
+def test_too_many_items_is_refused_even_when_the_envelope_is_also_wrong() -> None:
+    body = json.dumps({"items": [{"pixels": digit()}] * 5, "unexpected": 1}).encode()
+    with pytest.raises(ServiceError) as error:
+        codec.parse_batch(body, max_items=4)
+    assert error.value.code == "too_many_items" and error.value.status_code == 413
+
+
+def test_a_batch_of_bad_items_stops_at_the_first_one() -> None:
+    """pydantic would report all 1,024 × 784 bad pixels (about a gigabyte of error dicts); one item's are enough."""
+    import tracemalloc
+
+    bad = {"pixels": [[None] * 28 for _ in range(28)]}
+    body = json.dumps({"items": [bad] * 1024, "unexpected": 1}).encode()
+    tracemalloc.start()
+    try:
+        with pytest.raises(ServiceError) as error:
+            codec.parse_batch(body, max_items=1024)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert error.value.status_code == 422 and error.value.index == 0
+    assert str(error.value).startswith("items[0].pixels[0][0]: Input should be a valid number (and 783 more)")
+    assert peak < 100 * 2**20, f"parsing the bad batch allocated {peak / 2**20:.0f} MiB"

@@ -310,3 +310,11 @@ def test_the_example_script_against_a_live_server(live_server: StartServer) -> N
     assert "1 request(s) of up to 1024 digits, binary tensors: accuracy" in done.stdout
     assert "both ways agree on every digit: True" in done.stdout
     assert server.stop() == 0
+
+
+@pytest.mark.parametrize("name", [[1], {}, None, 3])
+def test_an_output_name_that_is_not_a_string_is_a_protocol_error(name: Any) -> None:
+    from service.protocol import ProtocolError, _requested_output
+
+    with pytest.raises(ProtocolError, match="unknown output"):
+        _requested_output({"name": name}, False)
