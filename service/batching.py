@@ -98,6 +98,7 @@ class MicroBatcher:
         self._metrics = metrics
         self._queue: asyncio.Queue[_Job | object] | None = None
         self._carry: _Job | None = None
+        self._inflight: list[_Job] = []
         self._gathering = 0  # jobs taken off the queue for the batch being formed, not yet running
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -170,6 +171,7 @@ class MicroBatcher:
                 return
             assert isinstance(first, _Job)
             jobs, rows = [first], len(first.images)
+            self._inflight = jobs  # gathered or running: failed by stop() if the drain times out
             self._gathering = 1
             deadline = loop.time() + self.max_wait_s
             while rows < self.max_batch_size:
@@ -196,20 +198,24 @@ class MicroBatcher:
             self._gathering = 0
             self._report_depth()
             await self._run(jobs)
+            self._inflight = []
             if stopping and self._carry is not None:
                 carried, self._carry = self._carry, None
-                await self._run([carried])
+                self._inflight = [carried]
+                await self._run(self._inflight)
+                self._inflight = []
 
     async def _run(self, jobs: list[_Job]) -> None:
         live = [job for job in jobs if not job.future.done()]  # clients that gave up are not computed
         if not live:
             return
-        images = live[0].images if len(live) == 1 else np.concatenate([job.images for job in live])
         loop = asyncio.get_running_loop()
         try:
+            # Inside the try: a failure here (e.g. MemoryError) must fail these requests, not end the consumer.
+            images = live[0].images if len(live) == 1 else np.concatenate([job.images for job in live])
             probs = await loop.run_in_executor(self._executor, self._infer, images)
         except Exception as exc:
-            log.exception("inference failed for a batch of %d images", len(images))
+            log.exception("inference failed for a batch of %d requests", len(live))
             for job in live:
                 if not job.future.done():
                     job.future.set_exception(exc)
@@ -222,8 +228,8 @@ class MicroBatcher:
             offset += n
 
     def _fail_pending(self) -> None:
-        pending = [self._carry] if self._carry is not None else []
-        self._carry = None
+        pending = [*self._inflight, *([self._carry] if self._carry is not None else [])]
+        self._inflight, self._carry = [], None
         while self._queue is not None and not self._queue.empty():
             item = self._queue.get_nowait()
             if isinstance(item, _Job):
