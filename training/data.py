@@ -21,6 +21,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,7 +168,7 @@ def _from_mirrors(target: Path, expected: str, mirrors: Iterable[str], errors: l
         try:
             _write_verified(target, gzip.decompress(download(url)), expected, url)
             return True
-        except (OSError, EOFError, ChecksumError) as exc:  # URLError and gzip errors are OSErrors
+        except (OSError, EOFError, zlib.error, ChecksumError) as exc:  # URLError and BadGzipFile are OSErrors
             errors.append(f"{url}: {exc}")
     return False
 
@@ -183,7 +184,10 @@ def _from_npm(targets: list[Path], errors: list[str], url: str = NPM_TARBALL) ->
         return
     with tarfile.open(fileobj=io.BytesIO(tarball), mode="r:gz") as tar:
         for target in targets:
-            member = tar.extractfile(f"package/data/{target.name}")
+            try:
+                member = tar.extractfile(f"package/data/{target.name}")
+            except KeyError:
+                member = None
             if member is None:
                 errors.append(f"{url}: no package/data/{target.name}")
                 continue

