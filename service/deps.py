@@ -8,7 +8,8 @@ thread pool, and three thread hops per request cost more than the model run itse
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -89,21 +90,38 @@ ModelQuery = Annotated[
 VersionQuery = Annotated[str | None, Query(description="Serve with this version of it (default: its highest).")]
 
 
-async def get_ready_model(
-    state: StateDep, model: ModelQuery = None, version: VersionQuery = None
-) -> AsyncIterator[ReadyModel]:
-    """The model the request names (``?model=&version=``, default: the default model), leased until it is answered.
+@dataclass
+class ModelChoice:
+    """The model a request names (``?model=&version=``, default: the default model), checked to be served."""
 
-    The lease keeps a reload from draining this model's batcher while the request still needs it; resolving and
-    leasing happen without an ``await`` between them, so a reload's swap cannot slip in.
-    """
-    models = state.ready_models()
-    served = models.resolve(model, version)
-    with models.lease():
-        yield ReadyModel(served.classifier, served.runner, state.settings)
+    state: ServiceState
+    model: str | None
+    version: str | None
+
+    @property
+    def settings(self) -> Settings:
+        return self.state.settings
+
+    @contextmanager
+    def lease(self) -> Iterator[ReadyModel]:
+        """The model, leased until the block ends: a reload drains its batcher only after the request is answered.
+
+        Resolving and leasing happen without an ``await`` between them, so a reload's swap cannot slip in. Take the
+        lease after the body is read: a slow upload must not hold up a reload.
+        """
+        models = self.state.ready_models()
+        served = models.resolve(self.model, self.version)
+        with models.lease():
+            yield ReadyModel(served.classifier, served.runner, self.state.settings)
 
 
-ReadyModelDep = Annotated[ReadyModel, Depends(get_ready_model)]
+async def get_model_choice(state: StateDep, model: ModelQuery = None, version: VersionQuery = None) -> ModelChoice:
+    """404 for a model or version not served, 503 before the models are ready: both before the body is read."""
+    state.ready_models().resolve(model, version)
+    return ModelChoice(state, model, version)
+
+
+ModelChoiceDep = Annotated[ModelChoice, Depends(get_model_choice)]
 
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The API key, when one is set.")
 _bearer = HTTPBearer(auto_error=False, description="The API key as a bearer token, when one is set.")

@@ -20,7 +20,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.codec import Item, encode, item_image, parse_batch, parse_predict, predictions, too_many_items
-from service.deps import ReadyModel, ReadyModelDep, require_api_key
+from service.deps import ModelChoiceDep, ReadyModel, require_api_key
 from service.errors import InvalidInput, ServiceError, UnsupportedMediaType, validation_error
 from service.model import FloatArray
 from service.preprocess import check_media_type, decode_base64, decode_image
@@ -187,16 +187,17 @@ async def _read_items(request: Request, settings: Settings, batch: bool) -> tupl
     openapi_extra=_body_doc("PredictRequest", "One image file in the field `file`.", many=False),
 )
 async def predict(
-    request: Request, model: ReadyModelDep, top_k: TopKQuery = None, return_image: ReturnImageQuery = None
+    request: Request, choice: ModelChoiceDep, top_k: TopKQuery = None, return_image: ReturnImageQuery = None
 ) -> Response:
     """One digit as JSON `pixels` (28×28, scale 0-255 or 0-1), JSON `image_base64`, or a multipart `file` upload.
 
     Images of any size or colour are normalised like MNIST (grayscale, inverted when dark-on-light, cropped to
     the ink, fitted into 20×20, centred by centre of mass). Body fields override query parameters.
     """
-    images, body_top_k, body_return_image = await _read_items(request, model.settings, batch=False)
+    images, body_top_k, body_return_image = await _read_items(request, choice.settings, batch=False)
     top_k, return_image = _pick(body_top_k, top_k), _pick(body_return_image, return_image)
-    (prediction,) = await _classify(model, images, top_k, bool(return_image))
+    with choice.lease() as model:
+        (prediction,) = await _classify(model, images, top_k, bool(return_image))
     return Response(encode({**prediction, "model": _model_ref(model)}), media_type=JSON)
 
 
@@ -209,13 +210,14 @@ async def predict(
     openapi_extra=_body_doc("BatchRequest", "Image files, each in a field named `file`, answered in order.", many=True),
 )
 async def predict_batch(
-    request: Request, model: ReadyModelDep, top_k: TopKQuery = None, return_image: ReturnImageQuery = None
+    request: Request, choice: ModelChoiceDep, top_k: TopKQuery = None, return_image: ReturnImageQuery = None
 ) -> Response:
     """Up to `MNIST_SERVE_MAX_BATCH_ITEMS` digits, answered in request order, in as few model runs as possible.
 
     A bad item fails the whole request with 422; the error's `index` (and message) names the item.
     """
-    images, body_top_k, body_return_image = await _read_items(request, model.settings, batch=True)
+    images, body_top_k, body_return_image = await _read_items(request, choice.settings, batch=True)
     top_k, return_image = _pick(body_top_k, top_k), _pick(body_return_image, return_image)
-    predictions = await _classify(model, images, top_k, bool(return_image))
+    with choice.lease() as model:
+        predictions = await _classify(model, images, top_k, bool(return_image))
     return Response(encode({"predictions": predictions, "model": _model_ref(model)}), media_type=JSON)

@@ -167,19 +167,21 @@ async def repository_index(state: StateDep) -> list[dict[str, str]]:
 
 
 async def _infer(request: Request, state: ServiceState, name: str, version: str | None) -> Response:
+    served = state.ready_models().resolve(name, version)  # 404 / 503 before the body is read
+    body = await request.body()
+    parse = functools.partial(
+        parse_infer_request,
+        body,
+        request.headers.get(HEADER_LENGTH),
+        input_name=served.classifier.input.name,
+        max_images=state.settings.max_batch_items,
+    )
+    parsed = await asyncio.to_thread(parse) if len(body) >= OFF_LOOP_BYTES else parse()
+    # Leased only around the model run (a slow upload must not hold up a reload), resolved again without an await
+    # in between: a reload's swap cannot slip in, and a reload during the upload serves this request the new set.
     models = state.ready_models()
     served = models.resolve(name, version)
-    # Leased from here until answered: a reload swapping sets meanwhile drains this one only after we are done.
     with models.lease():
-        body = await request.body()
-        parse = functools.partial(
-            parse_infer_request,
-            body,
-            request.headers.get(HEADER_LENGTH),
-            input_name=served.classifier.input.name,
-            max_images=state.settings.max_batch_items,
-        )
-        parsed = await asyncio.to_thread(parse) if len(body) >= OFF_LOOP_BYTES else parse()
         probs = await served.runner.predict(parsed.images)
     content, headers = encode_infer_response(
         model_name=served.name,

@@ -369,3 +369,31 @@ def wait_for_default(server: LiveServer, version: str, timeout_s: float = 20) ->
     while httpx.get(f"{server.url}/readyz", timeout=5).json()["model"]["version"] != version:
         assert time.monotonic() < deadline, server.log()
         time.sleep(0.05)
+
+
+def test_a_slow_upload_does_not_hold_up_a_reload(live_server: StartServer, repo: Path, mnist_test: tuple) -> None:
+    """The model is leased around the run, not while the body trickles in: the reload is prompt, the upload served."""
+    import socket
+
+    server = live_server(env={"MNIST_SERVE_MODEL_DIR": str(repo), "MNIST_SERVE_API_KEY": KEY})
+    x, y = mnist_test
+    body = json.dumps(pixels_payload(x[0])).encode()
+    add_version(repo, MODEL_NAME, "11.0.0")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as slow:
+        head = (f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-API-Key: {KEY}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        slow.sendall(head + body[:10])
+        time.sleep(0.3)  # the request is admitted and waiting for the rest of its body
+        start = time.monotonic()
+        reload = httpx.post(f"{server.url}/v1/admin/reload", headers=AUTH, timeout=30)
+        took = time.monotonic() - start
+        slow.sendall(body[10:])
+        answer = b""
+        while chunk := slow.recv(65536):
+            answer += chunk
+    assert reload.status_code == 200 and took < 5, f"reload took {took:.1f} s"
+    status, _, payload = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 200"), answer[:300]
+    result = json.loads(payload)
+    assert result["digit"] == y[0] and result["model"]["version"] == "11.0.0"
+    assert server.stop() == 0
