@@ -20,7 +20,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.codec import Item, encode, item_image, parse_batch, parse_predict, predictions, too_many_items
-from service.deps import ModelChoiceDep, ReadyModel, require_api_key
+from service.deps import ModelChoice, ModelChoiceDep, require_api_key
 from service.errors import InvalidInput, ServiceError, UnsupportedMediaType, validation_error
 from service.model import FloatArray
 from service.preprocess import check_media_type, decode_base64, decode_image
@@ -137,15 +137,19 @@ def _decode_uploads(payloads: Sequence[bytes], settings: Settings) -> list[Float
     return images
 
 
-async def _classify(
-    model: ReadyModel, images: FloatArray, top_k: int | None, return_image: bool
-) -> list[dict[str, Any]]:
-    probs = await model.runner.predict(images[..., np.newaxis])
-    return predictions(probs, images, top_k, return_image)
+async def _answer(
+    request: Request, choice: ModelChoice, top_k: int | None, return_image: bool | None, batch: bool
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Read and preprocess the body, then run the model (leased only now: a slow upload holds up no reload).
 
-
-def _model_ref(model: ReadyModel) -> dict[str, str]:
-    return {"name": model.classifier.name, "version": model.classifier.version}
+    Returns the predictions in request order and the name and version of the model that made them.
+    """
+    images, body_top_k, body_return_image = await _read_items(request, choice.settings, batch=batch)
+    top_k, return_image = _pick(body_top_k, top_k), _pick(body_return_image, return_image)
+    with choice.lease() as model:
+        probs = await model.runner.predict(images[..., np.newaxis])
+    ref = {"name": model.classifier.name, "version": model.classifier.version}
+    return predictions(probs, images, top_k, bool(return_image)), ref
 
 
 def _pick(body_value: Any, query_value: Any) -> Any:
@@ -194,11 +198,8 @@ async def predict(
     Images of any size or colour are normalised like MNIST (grayscale, inverted when dark-on-light, cropped to
     the ink, fitted into 20×20, centred by centre of mass). Body fields override query parameters.
     """
-    images, body_top_k, body_return_image = await _read_items(request, choice.settings, batch=False)
-    top_k, return_image = _pick(body_top_k, top_k), _pick(body_return_image, return_image)
-    with choice.lease() as model:
-        (prediction,) = await _classify(model, images, top_k, bool(return_image))
-    return Response(encode({**prediction, "model": _model_ref(model)}), media_type=JSON)
+    (prediction,), model = await _answer(request, choice, top_k, return_image, batch=False)
+    return Response(encode({**prediction, "model": model}), media_type=JSON)
 
 
 @router.post(
@@ -216,8 +217,5 @@ async def predict_batch(
 
     A bad item fails the whole request with 422; the error's `index` (and message) names the item.
     """
-    images, body_top_k, body_return_image = await _read_items(request, choice.settings, batch=True)
-    top_k, return_image = _pick(body_top_k, top_k), _pick(body_return_image, return_image)
-    with choice.lease() as model:
-        predictions = await _classify(model, images, top_k, bool(return_image))
-    return Response(encode({"predictions": predictions, "model": _model_ref(model)}), media_type=JSON)
+    answers, model = await _answer(request, choice, top_k, return_image, batch=True)
+    return Response(encode({"predictions": answers, "model": model}), media_type=JSON)
