@@ -1,6 +1,6 @@
 """Closed-loop HTTP load from its own process (used by bench.run when wrk is not installed).
 
-    python -m bench.loadgen URL BODY_FILE CONNECTIONS SECONDS   # prints {"rps", "p50_ms", "p99_ms", "errors"}
+python -m bench.loadgen URL BODY_FILE CONNECTIONS SECONDS   # prints {"rps", "p50_ms", "p99_ms", "errors"}
 """
 
 from __future__ import annotations
@@ -34,8 +34,12 @@ async def run(url: str, body: bytes, connections: int, seconds: float) -> dict[s
         await asyncio.gather(*(worker() for _ in range(connections)))
         elapsed = time.perf_counter() - start
     lat = np.array(latencies) * 1e3
-    return {"rps": len(lat) / elapsed, "p50_ms": float(np.percentile(lat, 50)),
-            "p99_ms": float(np.percentile(lat, 99)), "errors": errors}
+    return {
+        "rps": len(lat) / elapsed,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "errors": errors,
+    }
 
 
 def main() -> int:

@@ -74,10 +74,16 @@ class Server:
 def serve(model_dir: Path, model_name: str, **env: str) -> Iterator[Server]:
     """Start ``mnist-serve`` in its own process; yield once /readyz answers 200; SIGTERM it afterwards."""
     port = free_port()
-    environ = {**os.environ, "MNIST_SERVE_HOST": HOST, "MNIST_SERVE_PORT": str(port),
-               "MNIST_SERVE_MODEL_DIR": str(model_dir), "MNIST_SERVE_MODEL_NAME": model_name,
-               "MNIST_SERVE_LOG_LEVEL": "warning", "MNIST_SERVE_ACCESS_LOG": "false",
-               **{f"MNIST_SERVE_{k.upper()}": v for k, v in env.items()}}
+    environ = {
+        **os.environ,
+        "MNIST_SERVE_HOST": HOST,
+        "MNIST_SERVE_PORT": str(port),
+        "MNIST_SERVE_MODEL_DIR": str(model_dir),
+        "MNIST_SERVE_MODEL_NAME": model_name,
+        "MNIST_SERVE_LOG_LEVEL": "warning",
+        "MNIST_SERVE_ACCESS_LOG": "false",
+        **{f"MNIST_SERVE_{k.upper()}": v for k, v in env.items()},
+    }
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "service.main"], env=environ, cwd=ROOT)
     url = f"http://{HOST}:{port}"
@@ -103,6 +109,10 @@ def serve(model_dir: Path, model_name: str, **env: str) -> Iterator[Server]:
             proc.kill()
 
 
+def _fmt(value: float | None) -> str:
+    return f"{value:.2f}" if value is not None else "—"
+
+
 def in_process(model_dir: Path, model_name: str, x: np.ndarray, threads: int) -> dict[str, float]:
     from service.model import load_model
 
@@ -114,14 +124,15 @@ def in_process(model_dir: Path, model_name: str, x: np.ndarray, threads: int) ->
         for _ in range(3):  # best of three passes over the 1,000 images
             t = time.perf_counter()
             for i in range(0, len(x), batch):
-                clf.predict(x[i: i + batch])
+                clf.predict(x[i : i + batch])
             best = min(best, time.perf_counter() - t)
         out[f"batch{batch}"] = len(x) / best
     return out
 
 
-def bench_batch_endpoint(url: str, images: np.ndarray, seconds: float, label: str = "",
-                         baseline: str = "batch256") -> Row:
+def bench_batch_endpoint(
+    url: str, images: np.ndarray, seconds: float, label: str = "", baseline: str = "batch256"
+) -> Row:
     body = json.dumps({"items": [{"pixels": img.tolist(), "scale": "0-255"} for img in images]}).encode()
     times: list[float] = []
     with httpx.Client(timeout=60) as client:
@@ -132,8 +143,13 @@ def bench_batch_endpoint(url: str, images: np.ndarray, seconds: float, label: st
             times.append(time.perf_counter() - t)
             r.raise_for_status()
     best = min(times)
-    return Row(f"/v1/predict/batch, {len(images)} images{label}", len(images) / best,
-               float(np.median(times)) * 1e3, None, baseline=baseline)
+    return Row(
+        f"/v1/predict/batch, {len(images)} images{label}",
+        len(images) / best,
+        float(np.median(times)) * 1e3,
+        None,
+        baseline=baseline,
+    )
 
 
 WRK_SCRIPT = """
@@ -160,17 +176,41 @@ def load_single(url: str, body: bytes, connections: int, seconds: float) -> tupl
         script.write_text(WRK_SCRIPT)
         if shutil.which("wrk"):
             out = subprocess.run(
-                ["wrk", f"-t{min(connections, 2)}", f"-c{connections}", f"-d{seconds:.0f}s", "--latency",
-                 "-s", str(script), f"{url}/v1/predict"],
-                env={**os.environ, "BENCH_BODY": str(body_path)}, capture_output=True, text=True, check=True,
+                [
+                    "wrk",
+                    f"-t{min(connections, 2)}",
+                    f"-c{connections}",
+                    f"-d{seconds:.0f}s",
+                    "--latency",
+                    "-s",
+                    str(script),
+                    f"{url}/v1/predict",
+                ],
+                env={**os.environ, "BENCH_BODY": str(body_path)},
+                capture_output=True,
+                text=True,
+                check=True,
             ).stdout
             rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
             if re.search(r"Non-2xx", out):
                 raise RuntimeError(f"non-2xx answers under load:\n{out}")
             return rps, _wrk_ms(out, "50"), _wrk_ms(out, "99")
-        out = subprocess.run([sys.executable, "-m", "bench.loadgen", f"{url}/v1/predict", str(body_path),
-                              str(connections), str(seconds)], capture_output=True, text=True, check=True, cwd=ROOT)
-        stats = json.loads(out.stdout)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.loadgen",
+                f"{url}/v1/predict",
+                str(body_path),
+                str(connections),
+                str(seconds),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+        )
+        stats = json.loads(proc.stdout)
         return stats["rps"], stats["p50_ms"], stats["p99_ms"]
 
 
@@ -190,8 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     single_body = json.dumps({"pixels": x_u8[0].tolist(), "scale": "0-255"}).encode()
 
     limit = in_process(args.model_dir, args.model_name, x, threads=1)
-    rows = [Row("in-process ORT, batch 1 (1 thread)", limit["batch1"], 1e3 / limit["batch1"], baseline="batch1"),
-            Row("in-process ORT, batch 256 (1 thread)", limit["batch256"])]
+    rows = [
+        Row("in-process ORT, batch 1 (1 thread)", limit["batch1"], 1e3 / limit["batch1"], baseline="batch1"),
+        Row("in-process ORT, batch 256 (1 thread)", limit["batch256"]),
+    ]
     two = in_process(args.model_dir, args.model_name, x, threads=2)
     rows.append(Row("in-process ORT, batch 256 (2 threads)", two["batch256"]))
 
@@ -202,19 +244,29 @@ def main(argv: list[str] | None = None) -> int:
             if batching == "true":
                 rows.append(bench_batch_endpoint(server.url, x_u8, args.duration))
             rps, p50, p99 = load_single(server.url, single_body, 1, args.duration)
-            rows.append(Row(f"/v1/predict, concurrency 1, batching {'on' if batching == 'true' else 'off'}",
-                            rps, p50, p99, baseline="batch1"))
+            rows.append(
+                Row(
+                    f"/v1/predict, concurrency 1, batching {'on' if batching == 'true' else 'off'}",
+                    rps,
+                    p50,
+                    p99,
+                    baseline="batch1",
+                )
+            )
             rps, p50, p99 = load_single(server.url, single_body, 64, args.duration)
-            rows.append(Row(f"/v1/predict, concurrency 64, batching {'on' if batching == 'true' else 'off'}",
-                            rps, p50, p99))
+            rows.append(
+                Row(f"/v1/predict, concurrency 64, batching {'on' if batching == 'true' else 'off'}", rps, p50, p99)
+            )
             extra[f"peak_rss_mb_batching_{batching}"] = peak_rss_mb(server.pid)
 
     int8 = f"{args.model_name}-int8"
     if (args.model_dir / f"{int8}.onnx").exists():
         q = in_process(args.model_dir, int8, x, threads=1)
         limit.update(int8_batch1=q["batch1"], int8_batch256=q["batch256"])
-        rows += [Row("int8 in-process ORT, batch 1 (1 thread)", q["batch1"], 1e3 / q["batch1"], baseline="batch1"),
-                 Row("int8 in-process ORT, batch 256 (1 thread)", q["batch256"])]
+        rows += [
+            Row("int8 in-process ORT, batch 1 (1 thread)", q["batch1"], 1e3 / q["batch1"], baseline="batch1"),
+            Row("int8 in-process ORT, batch 256 (1 thread)", q["batch256"]),
+        ]
         with serve(args.model_dir, int8) as server:
             rows.append(bench_batch_endpoint(server.url, x_u8, args.duration, ", int8", baseline="int8_batch256"))
             rps, p50, p99 = load_single(server.url, single_body, 1, args.duration)
@@ -223,25 +275,38 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(Row("/v1/predict, concurrency 64, int8", rps, p50, p99, baseline="int8_batch256"))
             extra["peak_rss_mb_int8"] = peak_rss_mb(server.pid)
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    print(f"\nmnist-serve benchmark — {args.model_name}, {os.cpu_count()} CPU cores ({cpu}), "
-          f"Python {platform.python_version()}, load from {'wrk' if shutil.which('wrk') else 'httpx'}\n")
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    print(
+        f"\nmnist-serve benchmark — {args.model_name}, {os.cpu_count()} CPU cores ({cpu}), "
+        f"Python {platform.python_version()}, load from {'wrk' if shutil.which('wrk') else 'httpx'}\n"
+    )
     refs = {"batch1": "batch 1", "batch256": "batch 256", "int8_batch1": "int8 b1", "int8_batch256": "int8 b256"}
     print(f"| {'what':<46} | {'images/s':>9} | {'p50 ms':>7} | {'p99 ms':>7} | {'ratio to in-process':>22} |")
     print(f"|{'-' * 48}|{'-' * 10}:|{'-' * 8}:|{'-' * 8}:|{'-' * 23}:|")
     for row in rows:
         ratio = row.throughput / limit[row.baseline]
-        fmt = lambda v: f"{v:.2f}" if v is not None else "—"  # noqa: E731
-        print(f"| {row.name:<46} | {row.throughput:>9.0f} | {fmt(row.p50_ms):>7} | {fmt(row.p99_ms):>7} | "
-              f"{ratio:>8.2f} × ({refs[row.baseline]:>9}) |")
+        print(
+            f"| {row.name:<46} | {row.throughput:>9.0f} | {_fmt(row.p50_ms):>7} | {_fmt(row.p99_ms):>7} | "
+            f"{ratio:>8.2f} × ({refs[row.baseline]:>9}) |"
+        )
     on = next(r for r in rows if r.name.endswith("concurrency 64, batching on")).throughput
     off = next(r for r in rows if r.name.endswith("concurrency 64, batching off")).throughput
-    print(f"\nmicro-batching speed-up at concurrency 64: {on / off:.2f}× "
-          f"(the model's own gain from batching, in-process batch 256 over batch 1: "
-          f"{limit['batch256'] / limit['batch1']:.2f}×)")
-    print(f"start to ready: {extra['ready_s_batching_true']:.2f} s; "
-          f"server peak RSS: {max(v for k, v in extra.items() if k.startswith('peak')):.0f} MB")
+    print(
+        f"\nmicro-batching speed-up at concurrency 64: {on / off:.2f}× "
+        f"(the model's own gain from batching, in-process batch 256 over batch 1: "
+        f"{limit['batch256'] / limit['batch1']:.2f}×)"
+    )
+    print(
+        f"start to ready: {extra['ready_s_batching_true']:.2f} s; "
+        f"server peak RSS: {max(v for k, v in extra.items() if k.startswith('peak')):.0f} MB"
+    )
     if args.json:
         args.json.write_text(json.dumps({"rows": [r.__dict__ for r in rows], "limit": limit, **extra}, indent=2))
     return 0

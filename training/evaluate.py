@@ -46,8 +46,13 @@ def report(y_true: np.ndarray, probs: np.ndarray, top_pairs: int = 10) -> dict[s
     return {
         **classification_metrics(y_true, probs),
         "per_class": {
-            str(c): {"precision": round(float(precision[c]), 6), "recall": round(float(recall[c]), 6),
-                     "f1": round(float(f1[c]), 6), "support": int(cm[c].sum()), "errors": int(cm[c].sum() - cm[c, c])}
+            str(c): {
+                "precision": round(float(precision[c]), 6),
+                "recall": round(float(recall[c]), 6),
+                "f1": round(float(f1[c]), 6),
+                "support": int(cm[c].sum()),
+                "errors": int(cm[c].sum() - cm[c, c]),
+            }
             for c in CLASSES
         },
         "confusion_matrix": cm.tolist(),
@@ -56,8 +61,15 @@ def report(y_true: np.ndarray, probs: np.ndarray, top_pairs: int = 10) -> dict[s
     }
 
 
-def plot_all(x: np.ndarray, y_true: np.ndarray, probs: np.ndarray, rep: dict[str, Any], out: Path,
-             title: str, history: dict[str, list[float]] | None = None) -> list[Path]:
+def plot_all(
+    x: np.ndarray,
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    rep: dict[str, Any],
+    out: Path,
+    title: str,
+    history: dict[str, list[float]] | None = None,
+) -> list[Path]:
     """Write the PNGs; return their paths. Small figures: they are committed under docs/."""
     import matplotlib
 
@@ -81,18 +93,26 @@ def plot_all(x: np.ndarray, y_true: np.ndarray, probs: np.ndarray, rep: dict[str
     im = ax.imshow(shown, cmap="Reds")
     for t in CLASSES:
         for p in CLASSES:
-            ax.text(p, t, str(cm[t, p]), ha="center", va="center", fontsize=7,
-                    color="black" if t != p else "tab:blue")
-    ax.set(xticks=CLASSES, yticks=CLASSES, xlabel="predicted", ylabel="true",
-           title=f"{title}: confusion matrix (off-diagonal shaded)")
+            ax.text(p, t, str(cm[t, p]), ha="center", va="center", fontsize=7, color="black" if t != p else "tab:blue")
+    ax.set(
+        xticks=CLASSES,
+        yticks=CLASSES,
+        xlabel="predicted",
+        ylabel="true",
+        title=f"{title}: confusion matrix (off-diagonal shaded)",
+    )
     fig.colorbar(im, ax=ax, fraction=0.046)
     save(fig, "confusion_matrix")
 
     errors = [rep["per_class"][str(c)]["errors"] for c in CLASSES]
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.bar(CLASSES, errors, color="tab:red")
-    ax.set(xticks=CLASSES, xlabel="true digit", ylabel="misclassified",
-           title=f"{title}: {rep['test_errors']} errors by true class")
+    ax.set(
+        xticks=CLASSES,
+        xlabel="true digit",
+        ylabel="misclassified",
+        title=f"{title}: {rep['test_errors']} errors by true class",
+    )
     save(fig, "errors_by_class")
 
     wrong = np.flatnonzero(y_pred != y_true)[:48]
@@ -111,8 +131,11 @@ def plot_all(x: np.ndarray, y_true: np.ndarray, probs: np.ndarray, rep: dict[str
     fig, axes = plt.subplots(3, 8, figsize=(8, 3.4))
     for ax, i in zip(axes.ravel(), range(24), strict=False):
         ax.imshow(x[i], cmap="gray_r")
-        ax.set_title(f"{y_pred[i]} ({probs[i].max():.0%})", fontsize=8,
-                     color="tab:green" if y_pred[i] == y_true[i] else "tab:red")
+        ax.set_title(
+            f"{y_pred[i]} ({probs[i].max():.0%})",
+            fontsize=8,
+            color="tab:green" if y_pred[i] == y_true[i] else "tab:red",
+        )
         ax.axis("off")
     fig.suptitle(f"{title}: predictions on the first test digits", fontsize=9)
     save(fig, "sample_predictions")
@@ -142,8 +165,13 @@ def predict_run(run_dir: Path, x: np.ndarray) -> np.ndarray:
     return np.asarray(model.predict(x[..., None], batch_size=1000, verbose=0))
 
 
-def evaluate(run_dir: Path | None = None, onnx_path: Path | None = None, out: Path | None = None,
-             docs: Path | None = None, data_dir: Path | None = None) -> dict[str, Any]:
+def evaluate(
+    run_dir: Path | None = None,
+    onnx_path: Path | None = None,
+    out: Path | None = None,
+    docs: Path | None = None,
+    data_dir: Path | None = None,
+) -> dict[str, Any]:
     """Evaluate a run directory's Keras model or an ONNX file; write report.json and plots."""
     if (run_dir is None) == (onnx_path is None):
         raise ValueError("give exactly one of run_dir or onnx_path")
@@ -187,10 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path)
     args = parser.parse_args(argv)
     rep = evaluate(args.run, args.onnx, args.out, args.docs, args.data_dir)
-    print(f"{rep['title']}: test accuracy {rep['test_accuracy']:.4%}, {rep['test_errors']} errors "
-          f"of {rep['test_images']}")
-    print("most confused (true→predicted):",
-          ", ".join(f"{p['true']}→{p['predicted']} ×{p['count']}" for p in rep["most_confused"][:5]))
+    print(
+        f"{rep['title']}: test accuracy {rep['test_accuracy']:.4%}, {rep['test_errors']} errors of {rep['test_images']}"
+    )
+    print(
+        "most confused (true→predicted):",
+        ", ".join(f"{p['true']}→{p['predicted']} ×{p['count']}" for p in rep["most_confused"][:5]),
+    )
     return 0
 
 

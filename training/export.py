@@ -43,7 +43,7 @@ def to_onnx(model: Any, opset: int = OPSET) -> Any:
 
     spec = (tf.TensorSpec((None, 28, 28, 1), tf.float32, name=INPUT_NAME),)
 
-    @tf.function(input_signature=spec)
+    @tf.function(input_signature=spec)  # type: ignore[untyped-decorator]
     def serve(x: tf.Tensor) -> tf.Tensor:
         return model(x, training=False)
 
@@ -70,8 +70,9 @@ def ort_predict(onnx_bytes: bytes, x: np.ndarray, batch: int = 1000) -> np.ndarr
     import onnxruntime as ort
 
     session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-    return np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: x[i: i + batch]})[0]
-                           for i in range(0, len(x), batch)])
+    return np.concatenate(
+        [session.run([OUTPUT_NAME], {INPUT_NAME: x[i : i + batch]})[0] for i in range(0, len(x), batch)]
+    )
 
 
 def check_parity(keras_probs: np.ndarray, onnx_probs: np.ndarray, atol: float = PARITY_ATOL) -> float:
@@ -79,16 +80,18 @@ def check_parity(keras_probs: np.ndarray, onnx_probs: np.ndarray, atol: float = 
     diff = float(np.max(np.abs(keras_probs - onnx_probs)))
     flipped = int(np.sum(keras_probs.argmax(1) != onnx_probs.argmax(1)))
     if diff > atol or flipped:
-        raise ExportError(f"ONNX differs from Keras: max abs diff {diff:.2e} (limit {atol:.0e}), "
-                          f"{flipped} predictions changed")
+        raise ExportError(
+            f"ONNX differs from Keras: max abs diff {diff:.2e} (limit {atol:.0e}), {flipped} predictions changed"
+        )
     return diff
 
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
     """Accuracy, error count and per-class accuracy (None for a class absent from ``y_true``)."""
     pred = probs.argmax(1)
-    per_class = {str(c): round(float(np.mean(pred[y_true == c] == c)), 6) if np.any(y_true == c) else None
-                 for c in range(10)}
+    per_class = {
+        str(c): round(float(np.mean(pred[y_true == c] == c)), 6) if np.any(y_true == c) else None for c in range(10)
+    }
     return {
         "test_images": len(y_true),
         "test_accuracy": round(float(np.mean(pred == y_true)), 6),
@@ -104,12 +107,19 @@ def library_versions() -> dict[str, str]:
     import tensorflow as tf
     import tf2onnx
 
-    return {"tensorflow": tf.__version__, "keras": keras.__version__, "tf2onnx": tf2onnx.__version__,
-            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
+    return {
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "tf2onnx": tf2onnx.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+    }
 
 
-def export(run_dir: Path, out_dir: Path, name: str = "mnist-cnn", version: str = "1.0.0",
-           data_dir: Path | None = None) -> dict[str, Any]:
+def export(
+    run_dir: Path, out_dir: Path, name: str = "mnist-cnn", version: str = "1.0.0", data_dir: Path | None = None
+) -> dict[str, Any]:
     """Export ``run_dir/model.keras`` to ``out_dir/<name>.onnx`` and write ``<name>.json``; return the card."""
     import keras
     import onnx
@@ -152,8 +162,13 @@ def export(run_dir: Path, out_dir: Path, name: str = "mnist-cnn", version: str =
             "parity": {"images": len(x), "max_abs_diff": max_diff, "argmax_identical": True},
         },
         "metrics": classification_metrics(y_test, onnx_probs),
-        "data": {"dataset": "MNIST", "sha256": dict(FILES), "train_images": run["train_images"],
-                 "validation_images": run["validation_images"], "smoke_subset": config.smoke},
+        "data": {
+            "dataset": "MNIST",
+            "sha256": dict(FILES),
+            "train_images": run["train_images"],
+            "validation_images": run["validation_images"],
+            "smoke_subset": config.smoke,
+        },
         "training": {
             "config": config.to_dict(),
             "epochs_run": run["epochs_run"],
@@ -185,9 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"export failed: {exc}", file=sys.stderr)
         return 1
     m = card["metrics"]
-    print(f"wrote {args.out / card['onnx']['file']} (sha256 {card['onnx']['sha256'][:12]}…, opset {OPSET}); "
-          f"parity max abs diff {card['onnx']['parity']['max_abs_diff']:.1e} on {m['test_images']} images; "
-          f"test accuracy {m['test_accuracy']:.4%} ({m['test_errors']} errors)")
+    print(
+        f"wrote {args.out / card['onnx']['file']} (sha256 {card['onnx']['sha256'][:12]}…, opset {OPSET}); "
+        f"parity max abs diff {card['onnx']['parity']['max_abs_diff']:.1e} on {m['test_images']} images; "
+        f"test accuracy {m['test_accuracy']:.4%} ({m['test_errors']} errors)"
+    )
     return 0
 
 

@@ -11,6 +11,8 @@ either graph: :func:`augmenter` is applied in the input pipeline, so the exporte
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import keras
 from keras import layers, regularizers
 
@@ -59,7 +61,7 @@ def build_cnn(width: int = 32, dropout: float = 0.25) -> keras.Model:
 
 def build(name: str) -> keras.Model:
     """Build an architecture by its name (``seed`` or ``cnn``)."""
-    builders = {"seed": build_seed_cnn, "cnn": build_cnn}
+    builders: dict[str, Callable[[], keras.Model]] = {"seed": build_seed_cnn, "cnn": build_cnn}
     if name not in builders:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(builders)}")
     return builders[name]()

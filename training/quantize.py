@@ -176,7 +176,7 @@ def build_card(
 def _opset(path: Path) -> int:
     import onnx
 
-    return next(o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx"))
+    return int(next(o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx")))
 
 
 def _library_versions() -> dict[str, str]:
@@ -221,9 +221,11 @@ def main(argv: list[str] | None = None) -> int:
         accurate = q["accuracy_drop_pp"] <= args.max_drop_pp
         print(f"float32: accuracy {fp32['metrics']['test_accuracy']:.4%}, {fp32['images_per_second']} images/s")
         print(f"int8:    accuracy {int8['metrics']['test_accuracy']:.4%}, {int8['images_per_second']} images/s")
-        print(f"accuracy drop {q['accuracy_drop_pp']:+.3f} pp (limit {args.max_drop_pp}); "
-              f"argmax agreement {card['onnx']['parity']['argmax_agreement']}/{len(y_test)}; "
-              f"{'faster' if faster else 'NOT faster'} at batch 1 and 256")
+        print(
+            f"accuracy drop {q['accuracy_drop_pp']:+.3f} pp (limit {args.max_drop_pp}); "
+            f"argmax agreement {card['onnx']['parity']['argmax_agreement']}/{len(y_test)}; "
+            f"{'faster' if faster else 'NOT faster'} at batch 1 and 256"
+        )
         if not (accurate and faster) and not args.force:
             print("not written: the int8 model must keep the accuracy and be faster", file=sys.stderr)
             return 1

@@ -68,8 +68,12 @@ def library_versions() -> dict[str, str]:
     import keras
     import tensorflow as tf
 
-    return {"python": platform.python_version(), "numpy": np.__version__, "tensorflow": tf.__version__,
-            "keras": keras.__version__}
+    return {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+    }
 
 
 def make_dataset(x: np.ndarray, y: np.ndarray, config: TrainConfig, training: bool):  # type: ignore[no-untyped-def]
@@ -109,13 +113,19 @@ def train(config: TrainConfig, out_dir: Path, data_dir: Path | None = None, verb
     if config.warmup_fraction > 0:
         warmup = int(steps * config.warmup_fraction)
         lr: Any = keras.optimizers.schedules.CosineDecay(
-            initial_learning_rate=config.learning_rate / 10, decay_steps=steps - warmup, alpha=0.01,
-            warmup_target=config.learning_rate, warmup_steps=warmup,
+            initial_learning_rate=config.learning_rate / 10,
+            decay_steps=steps - warmup,
+            alpha=0.01,
+            warmup_target=config.learning_rate,
+            warmup_steps=warmup,
         )
     else:
         lr = config.learning_rate
-    optimizer = (keras.optimizers.AdamW(lr, weight_decay=config.weight_decay) if config.weight_decay
-                 else keras.optimizers.Adam(lr))
+    optimizer = (
+        keras.optimizers.AdamW(lr, weight_decay=config.weight_decay)
+        if config.weight_decay
+        else keras.optimizers.Adam(lr)
+    )
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
@@ -124,17 +134,25 @@ def train(config: TrainConfig, out_dir: Path, data_dir: Path | None = None, verb
     model_path = out_dir / "model.keras"
     callbacks: list[keras.callbacks.Callback] = [keras.callbacks.CSVLogger(str(out_dir / "history.csv"))]
     if config.early_stopping_patience:
-        callbacks.append(keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=config.early_stopping_patience, restore_best_weights=True, verbose=1))
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=config.early_stopping_patience, restore_best_weights=True, verbose=1
+            )
+        )
 
     if config.reduce_lr_patience:
-        callbacks.append(keras.callbacks.ReduceLROnPlateau(
-            monitor="val_loss", factor=0.5, patience=config.reduce_lr_patience, min_lr=1e-5, verbose=1))
-    print(f"training {config.model} ({model.count_params():,} parameters) on {len(split.x_train):,} images, "
-          f"validating on {len(split.x_val):,}, {config.epochs} epochs", flush=True)
+        callbacks.append(
+            keras.callbacks.ReduceLROnPlateau(
+                monitor="val_loss", factor=0.5, patience=config.reduce_lr_patience, min_lr=1e-5, verbose=1
+            )
+        )
+    print(
+        f"training {config.model} ({model.count_params():,} parameters) on {len(split.x_train):,} images, "
+        f"validating on {len(split.x_val):,}, {config.epochs} epochs",
+        flush=True,
+    )
     start = time.perf_counter()
-    history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
-                        verbose=verbose)
+    history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks, verbose=verbose)
     wall = time.perf_counter() - start
     model.save(model_path)
 
@@ -169,8 +187,16 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, Path, Path | None]:
     parser.add_argument("--out", type=Path, help="run directory (default runs/<model>[-smoke])")
     parser.add_argument("--data-dir", type=Path, help="MNIST cache directory (default $MNIST_DATA_DIR or ~/.cache)")
     args = parser.parse_args(argv)
-    overrides = {k: v for k, v in {"epochs": args.epochs, "batch_size": args.batch_size,
-                                   "learning_rate": args.learning_rate, "seed": args.seed}.items() if v is not None}
+    overrides = {
+        k: v
+        for k, v in {
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "learning_rate": args.learning_rate,
+            "seed": args.seed,
+        }.items()
+        if v is not None
+    }
     if args.smoke:
         overrides = {"epochs": 2, **overrides, "smoke": True}
     config = TrainConfig.for_model(args.model, **overrides)

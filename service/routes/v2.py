@@ -36,9 +36,14 @@ class ProtocolError(BaseModel):
 
 
 def _protocol_errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    meaning = {400: "Bad request, or not ready (health and readiness answer 400 with an empty body)",
-               401: "Missing or wrong API key", 404: "Model or version not served", 413: "Body or batch too large",
-               415: "Unsupported content type", 503: "Overloaded or not ready"}
+    meaning = {
+        400: "Bad request, or not ready (health and readiness answer 400 with an empty body)",
+        401: "Missing or wrong API key",
+        404: "Model or version not served",
+        413: "Body or batch too large",
+        415: "Unsupported content type",
+        503: "Overloaded or not ready",
+    }
     return {code: {"model": ProtocolError, "description": meaning[code]} for code in codes}
 
 

@@ -1,6 +1,6 @@
 """Helpers for the reliability tests: module-wide live servers and process memory.
 
-    from reliability_helpers import running_server, rss_mb
+from reliability_helpers import running_server, rss_mb
 """
 
 from __future__ import annotations

@@ -70,6 +70,7 @@ def test_clients_that_go_away_leave_no_traceback(live_server: StartServer, mnist
     for _ in range(3):
         _half_request(server.port, full[: len(full) // 2], len(full))  # hangs up halfway through the body
         _half_request(server.port, full, len(full))  # hangs up before its answer
+
     def gone() -> float:
         text = httpx.get(f"{server.url}/metrics", timeout=10).text
         return metric(text, "mnist_serve_requests_total", route="/v1/predict", method="POST", status="499")

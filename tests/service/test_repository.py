@@ -380,8 +380,10 @@ def test_a_slow_upload_does_not_hold_up_a_reload(live_server: StartServer, repo:
     body = json.dumps(pixels_payload(x[0])).encode()
     add_version(repo, MODEL_NAME, "11.0.0")
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as slow:
-        head = (f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-API-Key: {KEY}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        head = (
+            f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-API-Key: {KEY}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
         slow.sendall(head + body[:10])
         time.sleep(0.3)  # the request is admitted and waiting for the rest of its body
         start = time.monotonic()

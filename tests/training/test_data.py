@@ -80,8 +80,7 @@ def test_real_mnist_loads_with_canonical_shapes_and_labels() -> None:
     mnist = load_mnist()
     assert mnist.x_train.shape == (60000, 28, 28) and mnist.x_train.dtype == np.uint8
     assert mnist.x_test.shape == (10000, 28, 28)
-    assert np.bincount(mnist.y_test, minlength=10).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974,
-                                                                1009]
+    assert np.bincount(mnist.y_test, minlength=10).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     assert mnist.y_test[:5].tolist() == [7, 2, 1, 0, 4]
 
 

@@ -34,8 +34,13 @@ def exported(smoke_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
 
 
 def test_smoke_run_writes_config_history_and_checkpoint(smoke_run: Path) -> None:
-    assert {p.name for p in smoke_run.iterdir()} >= {"config.json", "history.json", "history.csv", "model.keras",
-                                                     "run.json"}
+    assert {p.name for p in smoke_run.iterdir()} >= {
+        "config.json",
+        "history.json",
+        "history.csv",
+        "model.keras",
+        "run.json",
+    }
     config = TrainConfig.load(smoke_run / "config.json")
     assert config.smoke and config.epochs == 3 and config.model == "cnn"
     history = json.loads((smoke_run / "history.json").read_text())
@@ -96,8 +101,12 @@ def test_evaluate_writes_report_and_plots(smoke_run: Path, tmp_path: Path) -> No
     assert np.array(rep["confusion_matrix"]).sum() == 1024
     assert rep["test_errors"] == len(rep["misclassified_indices"])
     names = {p.name for p in (tmp_path / "docs").iterdir()}
-    assert {"cnn-smoke-confusion_matrix.png", "cnn-smoke-training_curves.png",
-            "cnn-smoke-sample_predictions.png", "cnn-smoke-errors_by_class.png"} <= names
+    assert {
+        "cnn-smoke-confusion_matrix.png",
+        "cnn-smoke-training_curves.png",
+        "cnn-smoke-sample_predictions.png",
+        "cnn-smoke-errors_by_class.png",
+    } <= names
     assert (smoke_run / "report.json").exists()
 
 

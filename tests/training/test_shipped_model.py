@@ -31,8 +31,12 @@ def test_card_matches_the_committed_file(card: dict) -> None:
 def test_committed_model_reaches_its_card_accuracy_with_onnxruntime_alone(card: dict, mnist_test) -> None:
     x, y = mnist_test
     session = ort.InferenceSession(str(ONNX), providers=["CPUExecutionProvider"])
-    probs = np.concatenate([session.run(["probabilities"], {"input": (x[i:i + 2000, ..., None] / 255.0)
-                                                            .astype(np.float32)})[0] for i in range(0, 10000, 2000)])
+    probs = np.concatenate(
+        [
+            session.run(["probabilities"], {"input": (x[i : i + 2000, ..., None] / 255.0).astype(np.float32)})[0]
+            for i in range(0, 10000, 2000)
+        ]
+    )
     errors = int(np.sum(probs.argmax(1) != y))
     assert errors == card["metrics"]["test_errors"]
     assert np.mean(probs.argmax(1) == y) == pytest.approx(card["metrics"]["test_accuracy"], abs=1e-6)
