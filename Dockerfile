@@ -21,19 +21,20 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 
-# Dependencies first, read from pyproject.toml: this layer stays cached while only the code changes.
+# Dependencies first, read from pyproject.toml and installed at the versions the lock (constraints.txt, `make lock`)
+# names: the image gets the versions CI tested. This layer stays cached while only the code changes.
 # Then what inference never loads goes: test suites, onnxruntime's offline tools (quantization, transformer
 # optimizers) and debug sections, about 40 MB. numpy and Pillow keep theirs: their bundled libraries were
 # rewritten by auditwheel's patchelf, and strip leaves such files unloadable. The import proves the rest loads.
-COPY pyproject.toml ./
+COPY pyproject.toml constraints.txt ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['serve']))" > requirements.txt \
- && pip install --requirement requirements.txt \
+ && pip install --constraint constraints.txt --requirement requirements.txt \
  && site="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
  && rm -rf "$site/onnxruntime/transformers" "$site/onnxruntime/quantization" "$site/onnxruntime/tools" \
  && find "$site" -depth -type d -name tests -exec rm -rf {} + \
  && find "$site" -type f -name '*.so*' -not -path '*.libs/*' -not -path "$site/numpy/*" -not -path "$site/PIL/*" \
       -exec strip --strip-debug {} + \
- && python -c "import numpy, onnxruntime, PIL.Image, fastapi, uvicorn, uvloop, httptools, yaml, watchfiles, pydantic_core"
+ && python -c "import numpy, onnxruntime, PIL.Image, fastapi, uvicorn, uvloop, httptools, yaml, watchfiles, pydantic_core, grpc, google.protobuf"
 
 # Then the package itself, without touching the dependencies resolved above. The package metadata reads the
 # README; "README.md*" (with a file that is always there) tolerates a checkout without one.

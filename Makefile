@@ -2,32 +2,39 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+# Every install is constrained by the lock (`make lock` regenerates it): the same versions on every machine.
+LOCK   := constraints.txt
+PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check --constraint $(LOCK)
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: run test test-slow test-containers train train-seed quantize smoke lint bench clean
+.PHONY: run test test-slow test-containers train train-seed quantize smoke lint lock bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) --upgrade pip
 
-# Stamps record which extras are installed; pyproject.toml changes re-install.
-$(VENV)/.serve: pyproject.toml | $(BIN)/python
-	$(PIP) -e '.[serve]'
+# Stamps record which extras are installed; a change to pyproject.toml or the lock re-installs. pip itself comes
+# from the lock first, so that it knows --build-constraint (the build backend's version, from the lock too).
+$(VENV)/.serve: pyproject.toml $(LOCK) | $(BIN)/python
+	$(PIP) --upgrade pip
+	$(PIP) --build-constraint $(LOCK) -e '.[serve]'
 	touch $@
 
-$(VENV)/.dev: pyproject.toml | $(BIN)/python
-	$(PIP) -e '.[dev]'
+$(VENV)/.dev: pyproject.toml $(LOCK) | $(BIN)/python
+	$(PIP) --upgrade pip
+	$(PIP) --build-constraint $(LOCK) -e '.[dev]'
 	touch $@ $(VENV)/.serve
 
 # checkov (tests/deploy) gets its own environment: it pins packaging<24, networkx<2.7, boto3==... which would
 # fight TensorFlow's requirements in .venv.
+# Its own lock, too (constraints-checkov.txt, from `make lock`).
 CHECKOV_VERSION := 3.3.30
 CHECKOV_VENV    := .venv-checkov
-$(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION):
+CHECKOV_LOCK    := constraints-checkov.txt
+$(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION): $(CHECKOV_LOCK)
 	$(PYTHON) -m venv $(CHECKOV_VENV)
-	$(CHECKOV_VENV)/bin/python -m pip install --quiet --disable-pip-version-check 'checkov==$(CHECKOV_VERSION)'
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --constraint $(CHECKOV_LOCK) \
+	  'checkov==$(CHECKOV_VERSION)'
 	touch $@
 
 ## run: serve the committed model on http://$(HOST):$(PORT)
@@ -72,6 +79,10 @@ smoke: $(VENV)/.dev
 lint: $(VENV)/.dev
 	$(BIN)/ruff check training service tests bench
 	$(BIN)/mypy service
+
+## lock: regenerate constraints.txt and constraints-checkov.txt from a fresh resolve (after a dependency change)
+lock: | $(BIN)/python
+	$(BIN)/python scripts/lock.py --checkov $(CHECKOV_VERSION)
 
 ## bench: the latency/throughput table against the in-process limit (README: Performance); load from wrk, which it
 ## installs from Debian when it can (root with apt-get), else from bench/loadgen.py (httpx)

@@ -61,6 +61,17 @@ def test_installs_the_serve_extra_only() -> None:
     assert not any("pip install" in args for keyword, args in runtime if keyword == "RUN")
 
 
+def test_installs_at_the_locked_versions() -> None:
+    runs = [args for keyword, args in instructions() if keyword == "RUN" and "pip install" in args]
+    dependencies = [args for args in runs if "--requirement requirements.txt" in args]
+    assert len(dependencies) == 1
+    assert "--constraint constraints.txt" in dependencies[0]
+    copies = [args for keyword, args in instructions() if keyword == "COPY"]
+    assert "pyproject.toml constraints.txt ./" in copies
+    lock = (ROOT / "constraints.txt").read_text()
+    assert re.search(r"^onnxruntime==\S+$", lock, re.MULTILINE), "the lock pins the serve dependencies"
+
+
 def test_runs_as_a_fixed_non_root_user() -> None:
     users = [args for keyword, args in final_stage() if keyword == "USER"]
     assert users == ["10001:10001"]  # numeric, so Kubernetes' runAsNonRoot can check it
@@ -89,6 +100,6 @@ def test_dockerignore_allows_only_what_the_image_needs() -> None:
     ]
     assert patterns[0] == "*"  # allow-list: .venv, runs/, data and .git never reach the build context
     allowed = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "service", "models"}
+    assert allowed == {"pyproject.toml", "constraints.txt", "README.md", "service", "models"}
     for name in allowed - {"README.md"}:
         assert (ROOT / name).exists(), name
