@@ -37,8 +37,8 @@ RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['p
  && python -c "import numpy, onnxruntime, PIL.Image, fastapi, uvicorn, uvloop, httptools, yaml, watchfiles, pydantic_core, grpc, google.protobuf"
 
 # Then the package itself, without touching the dependencies resolved above. The package metadata reads the
-# README; "README.md*" (with a file that is always there) tolerates a checkout without one.
-COPY pyproject.toml README.md* ./
+# README and carries the LICENSE; "README.md*" (with a file that is always there) tolerates a checkout without one.
+COPY pyproject.toml README.md* LICENSE ./
 COPY service/ service/
 RUN test -f README.md || echo "mnist-serve" > README.md \
  && pip install --no-deps . \

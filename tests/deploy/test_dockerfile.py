@@ -100,6 +100,6 @@ def test_dockerignore_allows_only_what_the_image_needs() -> None:
     ]
     assert patterns[0] == "*"  # allow-list: .venv, runs/, data and .git never reach the build context
     allowed = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
-    assert allowed == {"pyproject.toml", "constraints.txt", "README.md", "service", "models"}
+    assert allowed == {"pyproject.toml", "constraints.txt", "README.md", "LICENSE", "service", "models"}
     for name in allowed - {"README.md"}:
         assert (ROOT / name).exists(), name
