@@ -5,6 +5,9 @@ BIN    := $(VENV)/bin
 # Every install is constrained by the lock (`make lock` regenerates it): the same versions on every machine.
 LOCK   := constraints.txt
 PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check --constraint $(LOCK)
+# What `make lint` checks: ruff over all of it, mypy over the packages and tools (service/ strictly, per pyproject).
+LINT_PATHS  := service training bench scripts tests examples
+TYPED_PATHS := service training bench scripts
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
@@ -76,9 +79,11 @@ smoke: $(VENV)/.dev
 	$(BIN)/mnist-evaluate --run runs/cnn-smoke
 	$(BIN)/mnist-export --run runs/cnn-smoke --out runs/cnn-smoke/export
 
+## lint: the CI gate: ruff format --check, ruff check, and mypy (strict on service/) over the code
 lint: $(VENV)/.dev
-	$(BIN)/ruff check training service tests bench
-	$(BIN)/mypy service
+	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/mypy $(TYPED_PATHS)
 
 ## lock: regenerate constraints.txt and constraints-checkov.txt from a fresh resolve (after a dependency change)
 lock: | $(BIN)/python
