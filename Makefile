@@ -1,4 +1,4 @@
-# Thin wrappers; the README names them. Each target creates .venv and installs what it needs.
+# Thin wrappers; the README names them. Each target creates .venv and installs what it needs. `make help` lists them.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -8,10 +8,20 @@ PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check --con
 # What `make lint` checks: ruff over all of it, mypy over the packages and tools (service/ strictly, per pyproject).
 LINT_PATHS  := service training bench scripts tests examples
 TYPED_PATHS := service training bench scripts
-HOST   ?= 127.0.0.1
-PORT   ?= 8000
+# Where `make run` listens: `make run PORT=9000 HOST=0.0.0.0` (make variables win), else the service's own
+# MNIST_SERVE_PORT / MNIST_SERVE_HOST from the environment, else 127.0.0.1:8000.
+HOST   := $(or $(MNIST_SERVE_HOST),127.0.0.1)
+PORT   := $(or $(MNIST_SERVE_PORT),8000)
 
-.PHONY: run test test-slow test-containers train train-seed quantize smoke lint lock bench clean
+.PHONY: help run test test-slow test-containers train train-seed quantize smoke lint lock bench clean
+.DEFAULT_GOAL := help
+
+## help: list the targets, one line each (this list)
+help:
+	@awk -v host='$(HOST)' -v port='$(PORT)' '/^## [a-z-]+:/ { sub(/^## /, ""); name = $$0; sub(/:.*/, "", name); \
+	  text = $$0; sub(/^[^:]*: */, "", text); gsub(/\$$\(HOST\)/, host, text); gsub(/\$$\(PORT\)/, port, text); \
+	  printf "  %-16s %s\n", name, text }' $(firstword $(MAKEFILE_LIST))
+	@echo "  make run PORT=9000 HOST=0.0.0.0, or MNIST_SERVE_PORT=9000 make run: listen elsewhere"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,7 +63,7 @@ test-slow: $(VENV)/.dev
 	$(BIN)/python -m pytest -m "slow and not containers"
 
 ## test-containers: build the image, docker compose up, predict, check Prometheus, tear down
-## (installs podman through ../shared/container/setup when no engine is found)
+# (installs podman through ../shared/container/setup when no engine is found)
 test-containers: $(VENV)/.dev
 	$(BIN)/python -m pytest tests/deploy -m containers
 
@@ -64,7 +74,7 @@ train: $(VENV)/.dev
 	$(BIN)/mnist-export --run runs/cnn --out models
 	$(BIN)/mnist-quantize || echo "no int8 model written: it must keep the accuracy and be faster (a stale models/mnist-cnn-int8.* fails the tests)"
 
-## quantize: models/mnist-cnn-int8.onnx + card (static int8, QDQ), written only if it keeps the accuracy and is faster
+## quantize: models/mnist-cnn-int8.onnx + card (static int8), written only if as accurate and faster
 quantize: $(VENV)/.dev
 	$(BIN)/mnist-quantize
 
@@ -79,23 +89,24 @@ smoke: $(VENV)/.dev
 	$(BIN)/mnist-evaluate --run runs/cnn-smoke
 	$(BIN)/mnist-export --run runs/cnn-smoke --out runs/cnn-smoke/export
 
-## lint: the CI gate: ruff format --check, ruff check, and mypy (strict on service/) over the code
+## lint: the CI gate: ruff format --check, ruff check and mypy (strict on service/)
 lint: $(VENV)/.dev
 	$(BIN)/ruff format --check $(LINT_PATHS)
 	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/mypy $(TYPED_PATHS)
 
-## lock: regenerate constraints.txt and constraints-checkov.txt from a fresh resolve (after a dependency change)
+## lock: regenerate the locks (constraints.txt, constraints-checkov.txt) after a dependency change
 lock: | $(BIN)/python
 	$(BIN)/python scripts/lock.py --checkov $(CHECKOV_VERSION)
 
-## bench: the latency/throughput table against the in-process limit (README: Performance); load from wrk, which it
-## installs from Debian when it can (root with apt-get), else from bench/loadgen.py (httpx)
+## bench: the latency/throughput table against the in-process limit (README: Performance)
+# Load comes from wrk, which it installs from Debian when it can (root with apt-get), else from bench/loadgen.py.
 bench: $(VENV)/.dev
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  (apt-get install -y -qq wrk >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null)); } || \
 	  echo "wrk is not installed: load comes from bench/loadgen.py (httpx)"
 	$(BIN)/python -m bench.run
 
+## clean: remove training runs, caches and test artifacts (not .venv)
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache test-artifacts
