@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +95,72 @@ def test_grafana_is_an_optional_profile(compose: dict[str, Any]) -> None:
     assert datasources["datasources"][0]["url"] == "http://prometheus:9090"
     providers = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "mnist-serve.yml").read_text())
     assert providers["providers"][0]["options"]["path"] == "/etc/grafana/dashboards"
+
+
+def test_every_pulled_image_is_pinned_by_version_tag(compose: dict[str, Any]) -> None:
+    # Tags, not digests: a digest pin cannot be served by a build machine's local stand-in for an image. The image
+    # is written out (no ${VAR:-default}) so the pin is what runs; a mirror goes in docker-compose.override.yml.
+    for name, service in services(compose).items():
+        if "build" in service:
+            continue  # built here from the Dockerfile
+        image = service["image"]
+        assert "$" not in image, f"{name}: {image} (name a mirror in docker-compose.override.yml instead)"
+        assert "@" not in image, f"{name}: pin by tag, not digest"
+        repository, _, tag = image.rpartition(":")
+        assert repository and "/" not in tag, f"{name}: {image} has no tag"
+        assert re.fullmatch(r"v?\d+\.\d+\.\d+", tag), f"{name}: {image} is not pinned to a version (x.y.z)"
+
+
+def test_no_default_passwords_and_plain_up_needs_no_variables() -> None:
+    text = COMPOSE_FILE.read_text()
+    assert "change-me" not in text
+    # ${VAR:?} fails the whole file, even for `docker compose up` without the profile that uses VAR.
+    assert ":?" not in text and not re.search(r"\$\{[A-Z_]+\?", text)
+    grafana = yaml.safe_load(text)["services"]["grafana"]
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in grafana["environment"]
+    assert grafana["environment"]["GRAFANA_ADMIN_PASSWORD"] == "${GRAFANA_ADMIN_PASSWORD:-}"
+    mounted = {v.split(":")[1]: v.split(":")[0] for v in grafana["volumes"]}
+    assert grafana["entrypoint"][0] == "/bin/sh"
+    assert mounted[grafana["entrypoint"][1]] == "./deploy/grafana/entrypoint.sh"
+    assert grafana["command"] == ["/run.sh"]  # the image's own entrypoint, run once the password is settled
+    assert mounted["/var/lib/grafana"] == "grafana-data"  # where the generated password is kept
+
+
+def grafana_entrypoint(data: Path, **env: str) -> dict[str, str]:
+    """Run deploy/grafana/entrypoint.sh as compose does, with `env` as the command; the environment it hands on."""
+    base = {"PATH": os.environ["PATH"], "GF_PATHS_DATA": str(data)}
+    result = subprocess.run(["/bin/sh", str(GRAFANA / "entrypoint.sh"), "env"], env=base | env, capture_output=True,
+                            text=True, timeout=30, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if not line.startswith("grafana: ")]
+    handed_on = dict(line.split("=", 1) for line in lines if "=" in line)
+    handed_on["_log"] = "\n".join(line for line in result.stdout.splitlines() if line.startswith("grafana: "))
+    return handed_on
+
+
+def test_grafana_gets_a_generated_admin_password_once(tmp_path: Path) -> None:
+    first = grafana_entrypoint(tmp_path)
+    secret = Path(first["GF_SECURITY_ADMIN_PASSWORD__FILE"])
+    assert secret == tmp_path / "admin-password"
+    password = secret.read_text().strip()
+    assert re.fullmatch(r"[A-Za-z0-9]{32}", password)
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600  # the grafana user's alone
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in first and password not in first["_log"]  # never logged
+    assert "docker compose exec grafana cat" in first["_log"]
+    # Kept across restarts (Grafana applies it only when it creates its database), and different per install.
+    assert grafana_entrypoint(tmp_path)["GF_SECURITY_ADMIN_PASSWORD__FILE"] == str(secret)
+    assert secret.read_text().strip() == password
+    other = tmp_path / "other"
+    other.mkdir()
+    grafana_entrypoint(other)
+    assert (other / "admin-password").read_text().strip() != password
+
+
+def test_grafana_takes_the_admin_password_it_is_given(tmp_path: Path) -> None:
+    env = grafana_entrypoint(tmp_path, GRAFANA_ADMIN_PASSWORD="a-password-of-my-own")
+    assert env["GF_SECURITY_ADMIN_PASSWORD"] == "a-password-of-my-own"
+    assert "GF_SECURITY_ADMIN_PASSWORD__FILE" not in env and "GRAFANA_ADMIN_PASSWORD" not in env
+    assert not (tmp_path / "admin-password").exists()
 
 
 def test_dashboard_queries_metrics_the_service_exports() -> None:
