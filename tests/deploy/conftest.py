@@ -18,7 +18,7 @@ import yaml
 if str(Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).parent))
 
-from deploy_helpers import COMPOSE_FILE, K8S_DIR, require_tool, run
+from deploy_helpers import COMPOSE_FILE, K8S_DIR, K8S_EXAMPLE_OVERLAY, require_tool, run
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +37,23 @@ def rendered_yaml(kubectl: str) -> str:
 @pytest.fixture(scope="session")
 def manifests(rendered_yaml: str) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(rendered_yaml) if doc]
+
+
+@pytest.fixture(scope="session")
+def overlay_yaml(kubectl: str) -> str:
+    """`kubectl kustomize deploy/kustomize/example`: the base with the queue-autoscaling and models-volume parts."""
+    result = run([kubectl, "kustomize", str(K8S_EXAMPLE_OVERLAY)])
+    assert result.returncode == 0, f"kubectl kustomize {K8S_EXAMPLE_OVERLAY} failed:\n{result.stderr}"
+    return result.stdout
+
+
+@pytest.fixture(scope="session")
+def overlay(overlay_yaml: str) -> dict[str, dict[str, Any]]:
+    """The example overlay's resources by kind (one of each, like the base)."""
+    docs = [doc for doc in yaml.safe_load_all(overlay_yaml) if doc]
+    by_kind = {m["kind"]: m for m in docs}
+    assert len(by_kind) == len(docs), [m["kind"] for m in docs]
+    return by_kind
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,10 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus.yml"
 K8S_DIR = ROOT / "k8s"
+#: The example overlay: the base plus the components in k8s/components (outside k8s/: kustomize refuses an overlay
+#: inside its own base).
+K8S_EXAMPLE_OVERLAY = ROOT / "deploy" / "kustomize" / "example"
+KSERVE_DIR = K8S_DIR / "kserve"
 DOCS = ROOT / "README.md"
 CHECKOV_VENV = ROOT / ".venv-checkov"
 

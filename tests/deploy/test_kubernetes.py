@@ -10,7 +10,8 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-from deploy_helpers import setting_names, validate_settings
+import yaml
+from deploy_helpers import K8S_DIR, setting_names, validate_settings
 
 EXPECTED_KINDS = {
     "Namespace",
@@ -46,9 +47,12 @@ def test_kustomize_renders_every_resource_into_one_namespace(manifests: list[dic
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
-def test_manifests_match_the_kubernetes_schemas(manifests: list[dict[str, Any]], version: str) -> None:
+@pytest.mark.parametrize("rendered", ["base", "example overlay"])
+def test_manifests_match_the_kubernetes_schemas(
+    manifests: list[dict[str, Any]], overlay: dict[str, dict[str, Any]], rendered: str, version: str
+) -> None:
     # strict: an unknown or misspelt field fails, instead of being silently dropped by the API server.
-    for m in manifests:
+    for m in manifests if rendered == "base" else overlay.values():
         try:
             kubernetes_validate.validate(m, version, strict=True)
         except kubernetes_validate.ValidationError as error:
@@ -139,3 +143,81 @@ def test_api_key_comes_from_an_optional_secret(by_kind: dict[str, dict[str, Any]
     ref = env["MNIST_SERVE_API_KEY"]["valueFrom"]["secretKeyRef"]
     assert ref["optional"] is True
     assert "MNIST_SERVE_API_KEY" not in by_kind["ConfigMap"]["data"]
+
+
+def drain_seconds(configmap: dict[str, Any]) -> float:
+    """MNIST_SERVE_SHUTDOWN_TIMEOUT_S as the pod gets it: the ConfigMap's value, else the service's default."""
+    from service.settings import Settings
+
+    value = configmap["data"].get("MNIST_SERVE_SHUTDOWN_TIMEOUT_S")
+    return float(value) if value is not None else float(Settings.model_fields["shutdown_timeout_s"].default)
+
+
+def test_shutdown_waits_for_the_endpoints_then_drains_within_the_grace_period(
+    by_kind: dict[str, dict[str, Any]],
+) -> None:
+    # The preStop hook holds SIGTERM back while the pod leaves the Service's endpoints; then the service drains.
+    pre_stop = container(by_kind)["lifecycle"]["preStop"]
+    assert set(pre_stop) == {"sleep"}, "the built-in sleep needs no shell or binary in the image"
+    wait = pre_stop["sleep"]["seconds"]
+    assert 3 <= wait <= 15
+    drain = drain_seconds(by_kind["ConfigMap"])
+    grace = pod_spec(by_kind)["terminationGracePeriodSeconds"]
+    # Matched to the drain: long enough for the wait, the drain and the exit, and not much longer (a stuck pod
+    # should not hold a rollout for minutes).
+    assert wait + drain + 2 <= grace <= wait + drain + 15, (wait, drain, grace)
+
+
+def test_base_scales_on_cpu_only(by_kind: dict[str, dict[str, Any]]) -> None:
+    # A metric the HPA cannot read blocks scaling down: the queue metric (which needs the Prometheus adapter)
+    # comes with the queue-autoscaling component, not the base.
+    metrics = by_kind["HorizontalPodAutoscaler"]["spec"]["metrics"]
+    assert [m["type"] for m in metrics] == ["Resource"]
+    assert metrics[0]["resource"]["name"] == "cpu"
+
+
+def adapter_rule() -> dict[str, Any]:
+    rules = yaml.safe_load((K8S_DIR / "components" / "queue-autoscaling" / "prometheus-adapter-rules.yaml").read_text())
+    custom = rules["rules"]["custom"]
+    assert len(custom) == 1
+    return dict(custom[0])
+
+
+def test_queue_autoscaling_uses_the_metric_the_adapter_rule_serves(overlay: dict[str, dict[str, Any]]) -> None:
+    metrics = overlay["HorizontalPodAutoscaler"]["spec"]["metrics"]
+    assert {m["type"] for m in metrics} == {"Resource", "Pods"}, "the queue beside CPU"
+    pods = next(m["pods"] for m in metrics if m["type"] == "Pods")
+    rule = adapter_rule()
+    assert pods["metric"]["name"] == rule["name"]["as"]
+    assert pods["target"]["type"] == "AverageValue"
+    assert float(pods["target"]["averageValue"]) > 0
+    assert overlay["HorizontalPodAutoscaler"]["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 60
+
+
+def test_adapter_rule_reads_a_metric_the_service_exports_one_value_per_pod() -> None:
+    from service.metrics import ServiceMetrics
+
+    rule = adapter_rule()
+    gauges = {family.name for family in ServiceMetrics().registry.collect() if family.type == "gauge"}
+    series = rule["seriesQuery"].split("{")[0]
+    assert series in gauges, f"{series} is not a gauge the service exports"
+    assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
+    assert rule["resources"]["overrides"]["namespace"] == {"resource": "namespace"}
+    # Summed per pod, so labels the service adds (model, version) do not split the metric into several per pod.
+    assert rule["metricsQuery"].startswith("sum by (<<.GroupBy>>)")
+
+
+def test_models_volume_replaces_the_model_directory(overlay: dict[str, dict[str, Any]]) -> None:
+    data = overlay["ConfigMap"]["data"]
+    validate_settings(data)
+    model_dir = data["MNIST_SERVE_MODEL_DIR"]
+    assert model_dir == "/mnt/models"
+    assert data["MNIST_SERVE_HOST"] == "0.0.0.0", "merged into the base's settings, not replacing them"
+    pod = overlay["Deployment"]["spec"]["template"]["spec"]
+    (serving,) = pod["containers"]
+    mount = next(m for m in serving["volumeMounts"] if m["mountPath"] == model_dir)
+    assert mount["readOnly"] is True
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume["persistentVolumeClaim"] == {"claimName": "mnist-serve-models", "readOnly": True}
+    # The Deployment refers to the merged ConfigMap (its name carries the new content hash).
+    assert [e["configMapRef"]["name"] for e in serving["envFrom"]] == [overlay["ConfigMap"]["metadata"]["name"]]
