@@ -38,6 +38,7 @@ from pydantic.json_schema import models_json_schema
 
 from service.batching import InferenceRunner, MicroBatcher, UnbatchedRunner
 from service.deps import ServiceState, StateDep
+from service.docs import install_docs
 from service.errors import register_error_handlers
 from service.memory import tune_malloc
 from service.metrics import ServiceMetrics
@@ -177,6 +178,9 @@ def create_app(
             "Send 28×28 pixels or an image of any size; get the digit and all ten probabilities."
         ),
         lifespan=_lifespan(classifier),
+        # Swagger UI and ReDoc from local files, not a CDN: install_docs below.
+        docs_url=None,
+        redoc_url=None,
     )
 
     def runner_for(model: OnnxClassifier) -> InferenceRunner:
@@ -189,6 +193,7 @@ def create_app(
     app.include_router(predict.router)
     app.include_router(admin.router)
     app.include_router(v2.router)
+    install_docs(app)
 
     @app.get("/metrics", tags=["health"], response_class=Response, summary="Prometheus metrics")
     async def prometheus_metrics(state: StateDep) -> Response:
