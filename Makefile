@@ -13,7 +13,7 @@ TYPED_PATHS := service training bench scripts
 HOST   := $(or $(MNIST_SERVE_HOST),127.0.0.1)
 PORT   := $(or $(MNIST_SERVE_PORT),8000)
 
-.PHONY: help run test test-slow test-containers train train-seed quantize smoke lint lock bench clean
+.PHONY: help run test test-slow test-containers train train-seed quantize smoke lint example lock bench clean
 .DEFAULT_GOAL := help
 
 ## help: list the targets, one line each (this list)
@@ -94,6 +94,10 @@ lint: $(VENV)/.dev
 	$(BIN)/ruff format --check $(LINT_PATHS)
 	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/mypy $(TYPED_PATHS)
+
+## example: classify 100 test digits with tritonclient (examples/triton_client.py) against the server `make run` started
+example: $(VENV)/.dev
+	$(BIN)/python examples/triton_client.py --url $(HOST):$(PORT)
 
 ## lock: regenerate the locks (constraints.txt, constraints-checkov.txt) after a dependency change
 lock: | $(BIN)/python

@@ -1,7 +1,10 @@
 """Classify real MNIST test digits through the Open Inference Protocol with NVIDIA's own client, tritonclient.
 
-    pip install 'tritonclient[http]'                      # or: pip install -e '.[dev]'
-    mnist-serve &                                         # or any running mnist-serve (docker compose, k8s)
+    make run                                              # a server, in another shell (or docker compose, k8s)
+    make example                                          # this script with the project's .venv, 100 digits
+
+    .venv/bin/python examples/triton_client.py            # the same by hand; needs tritonclient, which .venv has
+    pip install 'tritonclient[http]' numpy                # elsewhere (plus this checkout, for training.data)
     python examples/triton_client.py                      # 100 digits against 127.0.0.1:8000
     python examples/triton_client.py --url 10.0.0.5:8000 --count 1000 --model mnist-cnn --version 1.0.0
     MNIST_SERVE_API_KEY=... python examples/triton_client.py   # sends the key when the service wants one
@@ -20,8 +23,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import tritonclient.http as triton
+try:
+    import numpy as np
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+except ImportError as missing:  # typically the system Python: the client is installed in the project's .venv
+    sys.exit(
+        f"{missing.name} is not installed for {sys.executable}. Run this example with the project's environment: "
+        "`make example` (after `make run` in another shell), or `.venv/bin/python examples/triton_client.py`; "
+        "elsewhere, pip install 'tritonclient[http]' numpy first."
+    )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
@@ -45,7 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         return {"X-API-Key": key} if key else None
 
     client = triton.InferenceServerClient(url=args.url)
-    if not (client.is_server_live() and client.is_server_ready()):
+    try:
+        ready = client.is_server_live() and client.is_server_ready()
+    except (OSError, InferenceServerException) as error:
+        print(f"no mnist-serve answers at {args.url} ({error}): start one (`make run` in another shell) or pass "
+              "--url host:port", file=sys.stderr)  # fmt: skip
+        return 1
+    if not ready:
         print(f"the server at {args.url} is not ready", file=sys.stderr)
         return 1
     if not client.is_model_ready(args.model, args.version):
