@@ -10,11 +10,17 @@ latency of a single run and high load gets large batches, without a timer to tun
 adds an optional pause before each run for more requests to join: only worth it when the model's cost per
 image falls steeply with batch size.
 
-A full queue is refused at once with :class:`~service.errors.Overloaded` (HTTP 503 + Retry-After) rather than
-letting latency grow without bound. ``stop`` stops admitting, answers everything already admitted, then exits.
+Admission is by cost (:class:`~service.admission.QueueBudget`): a request is refused at once with
+:class:`~service.errors.Overloaded` (HTTP 503 + Retry-After) when the images already waiting would make it wait
+longer than the budget, or would pass the image bound, or when ``queue_size`` requests wait — never by letting
+latency grow without bound. ``stop`` stops admitting, answers everything already admitted, then exits.
+
+Runs are split into at most ``max_run_images`` images (onnxruntime keeps the activations of the largest run it
+has seen); a batch holding a request of at least ``wide_from`` images runs on ``predict_wide`` (the session with
+more threads), so one large request uses every core while micro-batches of single images leave them to HTTP.
 
 With batching disabled, :class:`UnbatchedRunner` runs each request on its own, still off the event loop and
-with the same admission bound, so the two modes can be compared like for like.
+with the same admission, so the two modes can be compared like for like.
 """
 
 from __future__ import annotations
@@ -22,26 +28,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
+from service.admission import QueueBudget, usable_cpus
 from service.errors import ModelNotReady, Overloaded
-from service.metrics import ServiceMetrics
+from service.metrics import ModelMetrics
 from service.model import FloatArray
 
 log = logging.getLogger(__name__)
 
 PredictFn = Callable[[FloatArray], FloatArray]
 
+#: A request of at least this many images runs on the wide session (``MNIST_SERVE_LARGE_REQUEST_THREADS``).
+LARGE_REQUEST_IMAGES = 64
+
+#: Without a budget given: wait and image bounds that never refuse a request a plain queue would admit.
+UNBOUNDED = QueueBudget(max_images=1 << 40, max_wait_s=float("inf"))
+
 
 class InferenceRunner(Protocol):
-    """What the routes need from a batcher: admit images, answer probabilities, report its backlog."""
+    """What the data plane needs from a batcher: admit images, answer their rows, report its backlog."""
 
     async def start(self) -> None: ...
 
@@ -54,27 +66,72 @@ class InferenceRunner(Protocol):
 
 
 class _Timed:
-    """Wraps the model's predict: times each run and records batch size and duration."""
+    """The model's predict functions, split into runs of at most ``max_run_images``, each one timed and recorded."""
 
-    def __init__(self, predict: PredictFn, metrics: ServiceMetrics | None) -> None:
+    def __init__(
+        self,
+        predict: PredictFn,
+        predict_wide: PredictFn | None,
+        max_run_images: int | None,
+        budget: QueueBudget,
+        metrics: ModelMetrics | None,
+    ) -> None:
         self._predict = predict
+        self._predict_wide = predict_wide or predict
+        self._max = max_run_images
+        self._budget = budget
         self._metrics = metrics
 
-    def __call__(self, images: FloatArray) -> FloatArray:
-        start = time.perf_counter()
-        probs = self._predict(images)
-        if self._metrics is not None:
-            self._metrics.observe_batch(len(images), time.perf_counter() - start)
-        return probs
+    def __call__(self, images: FloatArray, wide: bool = False) -> FloatArray:
+        predict = self._predict_wide if wide else self._predict
+        step = self._max or len(images)
+        outputs = []
+        for i in range(0, len(images), step):
+            chunk = images[i : i + step]
+            start = time.perf_counter()
+            outputs.append(predict(chunk))
+            seconds = time.perf_counter() - start
+            self._budget.observe_run(len(chunk), seconds)
+            if self._metrics is not None:
+                self._metrics.observe_run(len(chunk), seconds)
+        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
 
 @dataclass(eq=False)
 class _Job:
     images: FloatArray
     future: asyncio.Future[FloatArray]
+    admitted: float = field(default_factory=time.perf_counter)
+    started: bool = False
 
 
 _STOP = object()
+
+
+class _Admission:
+    """Shared by both runners: the queue budget, the request bound, and the metrics of refusals."""
+
+    def __init__(self, queue_size: int, budget: QueueBudget | None, metrics: ModelMetrics | None) -> None:
+        if queue_size < 1:
+            raise ValueError("queue_size must be >= 1")
+        self.queue_size = queue_size
+        self.budget = budget if budget is not None else QueueBudget(UNBOUNDED.max_images, UNBOUNDED.max_wait_s)
+        self.metrics = metrics
+
+    def admit(self, images: int, waiting_requests: int) -> None:
+        try:
+            if waiting_requests >= self.queue_size:
+                raise Overloaded(f"the inference queue is full ({self.queue_size} requests waiting), retry later")
+            self.budget.admit(images)
+        except Overloaded:
+            if self.metrics is not None:
+                self.metrics.observe_overloaded()
+            raise
+
+    def report(self, requests: int) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(requests)
+            self.metrics.queue_images.set(self.budget.queued_images)
 
 
 class MicroBatcher:
@@ -84,17 +141,22 @@ class MicroBatcher:
         self,
         predict: PredictFn,
         *,
+        predict_wide: PredictFn | None = None,
+        wide_from: int = LARGE_REQUEST_IMAGES,
+        max_run_images: int | None = None,
         max_batch_size: int = 64,
         max_wait_s: float = 0.0,
         queue_size: int = 1024,
-        metrics: ServiceMetrics | None = None,
+        budget: QueueBudget | None = None,
+        metrics: ModelMetrics | None = None,
     ) -> None:
-        if max_batch_size < 1 or queue_size < 1 or max_wait_s < 0:
-            raise ValueError("max_batch_size and queue_size must be >= 1 and max_wait_s >= 0")
+        if max_batch_size < 1 or max_wait_s < 0:
+            raise ValueError("max_batch_size must be >= 1 and max_wait_s >= 0")
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
-        self.queue_size = queue_size
-        self._infer = _Timed(predict, metrics)
+        self.wide_from = wide_from
+        self._admission = _Admission(queue_size, budget, metrics)
+        self._infer = _Timed(predict, predict_wide, max_run_images, self._admission.budget, metrics)
         self._metrics = metrics
         self._queue: asyncio.Queue[_Job | object] | None = None
         self._carry: _Job | None = None
@@ -103,6 +165,14 @@ class MicroBatcher:
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._accepting = False
+
+    @property
+    def queue_size(self) -> int:
+        return self._admission.queue_size
+
+    @property
+    def budget(self) -> QueueBudget:
+        return self._admission.budget
 
     @property
     def queue_depth(self) -> int:
@@ -115,33 +185,34 @@ class MicroBatcher:
         if self._task is not None:
             raise RuntimeError("MicroBatcher already started")
         # Created here, not in __init__, so the queue belongs to the loop that serves the requests.
-        self._queue = asyncio.Queue(maxsize=self.queue_size)
+        self._queue = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mnist-batch")
         self._task = asyncio.get_running_loop().create_task(self._consume(), name="mnist-micro-batcher")
         self._accepting = True
 
     async def predict(self, images: FloatArray) -> FloatArray:
-        """Probabilities for ``images`` (float32 [n, 28, 28, 1]), computed in a shared batch."""
+        """Model rows for ``images`` (float32 [n, 28, 28, 1]), computed in a shared batch."""
         if not self._accepting or self._queue is None:
             raise ModelNotReady("the service is not accepting inference requests (starting or shutting down)")
+        self._admission.admit(len(images), self.queue_depth)
         job = _Job(images, asyncio.get_running_loop().create_future())
+        self._queue.put_nowait(job)
+        self._admission.report(self.queue_depth)
         try:
-            self._queue.put_nowait(job)
-        except asyncio.QueueFull:
-            if self._metrics is not None:
-                self._metrics.overloaded.inc()
-            raise Overloaded(f"the inference queue is full ({self.queue_size} requests waiting), retry later") from None
-        self._report_depth()
-        return await job.future
+            return await job.future
+        finally:
+            if not job.started:  # the client left (or the drain failed it) before its run: free its place
+                job.started = True
+                self.budget.started(len(images))
 
     async def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop admitting; answer every admitted request (up to ``timeout_s``); release the worker thread."""
+        """Stop admitting; answer every admitted request (within ``timeout_s`` in all); release the worker thread."""
         self._accepting = False
         if self._task is None or self._queue is None:
             return
         try:
             # The marker queues behind every admitted job, so the consumer reaches it only after answering them.
-            await asyncio.wait_for(self._queue.put(_STOP), timeout_s)
+            self._queue.put_nowait(_STOP)
             await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
         except TimeoutError:
             log.warning("micro-batcher did not drain within %.1f s; failing the remaining requests", timeout_s)
@@ -152,7 +223,7 @@ class MicroBatcher:
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=False, cancel_futures=True)
-            self._report_depth()
+            self._admission.report(self.queue_depth)
 
     async def _next(self) -> _Job | object:
         if self._carry is not None:
@@ -196,7 +267,6 @@ class MicroBatcher:
                 rows += len(item.images)
                 self._gathering = len(jobs)
             self._gathering = 0
-            self._report_depth()
             await self._run(jobs)
             self._inflight = []
             if stopping and self._carry is not None:
@@ -206,6 +276,14 @@ class MicroBatcher:
                 self._inflight = []
 
     async def _run(self, jobs: list[_Job]) -> None:
+        now = time.perf_counter()
+        for job in jobs:
+            if not job.started:
+                job.started = True
+                self.budget.started(len(job.images))
+                if self._metrics is not None and not job.future.done():
+                    self._metrics.queue_seconds.observe(now - job.admitted)
+        self._admission.report(self.queue_depth)
         live = [job for job in jobs if not job.future.done()]  # clients that gave up are not computed
         if not live:
             return
@@ -213,11 +291,14 @@ class MicroBatcher:
         try:
             # Inside the try: a failure here (e.g. MemoryError) must fail these requests, not end the consumer.
             images = live[0].images if len(live) == 1 else np.concatenate([job.images for job in live])
-            probs = await loop.run_in_executor(self._executor, self._infer, images)
+            wide = any(len(job.images) >= self.wide_from for job in live)
+            probs = await loop.run_in_executor(self._executor, self._infer, images, wide)
         except Exception as exc:
             log.exception("inference failed for a batch of %d requests", len(live))
             for job in live:
                 if not job.future.done():
+                    if self._metrics is not None:
+                        self._metrics.failed.inc()
                     job.future.set_exception(exc)
             return
         offset = 0
@@ -238,29 +319,35 @@ class MicroBatcher:
             if not job.future.done():
                 job.future.set_exception(ModelNotReady("the service shut down before this request ran"))
 
-    def _report_depth(self) -> None:
-        if self._metrics is not None:
-            self._metrics.queue_depth.set(self.queue_depth)
-
 
 class UnbatchedRunner:
-    """One model run per request, in a thread pool, with at most ``queue_size`` requests admitted at once."""
+    """One model run per request, in a thread pool, with the same admission as the micro-batcher."""
 
     def __init__(
         self,
         predict: PredictFn,
         *,
+        predict_wide: PredictFn | None = None,
+        wide_from: int = LARGE_REQUEST_IMAGES,
+        max_run_images: int | None = None,
         queue_size: int = 1024,
         threads: int | None = None,
-        metrics: ServiceMetrics | None = None,
+        budget: QueueBudget | None = None,
+        metrics: ModelMetrics | None = None,
     ) -> None:
-        self.queue_size = queue_size
-        self.threads = threads or os.cpu_count() or 1
-        self._infer = _Timed(predict, metrics)
+        self.threads = threads or usable_cpus()
+        self.wide_from = wide_from
+        self._admission = _Admission(queue_size, budget, metrics)
+        self._infer = _Timed(predict, predict_wide, max_run_images, self._admission.budget, metrics)
         self._metrics = metrics
         self._executor: ThreadPoolExecutor | None = None
         self._in_flight: set[asyncio.Future[FloatArray]] = set()
         self._accepting = False
+        self._abandoned = False
+
+    @property
+    def queue_size(self) -> int:
+        return self._admission.queue_size
 
     @property
     def queue_depth(self) -> int:
@@ -270,29 +357,42 @@ class UnbatchedRunner:
         self._executor = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="mnist-infer")
         self._accepting = True
 
+    def _job(self, images: FloatArray, admitted: float, loop: asyncio.AbstractEventLoop) -> FloatArray:
+        # Runs in the pool. After a drain that timed out, queued jobs answer 503 instead of being cancelled (a
+        # cancelled future would end the request without an answer).
+        loop.call_soon_threadsafe(self._admission.budget.started, len(images))
+        if self._abandoned:
+            raise ModelNotReady("the service shut down before this request ran")
+        if self._metrics is not None:
+            self._metrics.queue_seconds.observe(time.perf_counter() - admitted)
+        return self._infer(images, len(images) >= self.wide_from)
+
     async def predict(self, images: FloatArray) -> FloatArray:
         if not self._accepting:
             raise ModelNotReady("the service is not accepting inference requests (starting or shutting down)")
-        if len(self._in_flight) >= self.queue_size:
-            if self._metrics is not None:
-                self._metrics.overloaded.inc()
-            raise Overloaded(f"{self.queue_size} requests are already in flight, retry later")
-        future = asyncio.get_running_loop().run_in_executor(self._executor, self._infer, images)
+        self._admission.admit(len(images), len(self._in_flight))
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executor, self._job, images, time.perf_counter(), loop)
         self._in_flight.add(future)
-        self._report_depth()
+        self._admission.report(len(self._in_flight))
         try:
             return await future
+        except Exception:
+            if self._metrics is not None and not isinstance(future.exception(), ModelNotReady):
+                self._metrics.failed.inc()
+            raise
         finally:
             self._in_flight.discard(future)
-            self._report_depth()
+            self._admission.report(len(self._in_flight))
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         self._accepting = False
         if self._in_flight:
-            await asyncio.wait(set(self._in_flight), timeout=timeout_s)
+            _, pending = await asyncio.wait(set(self._in_flight), timeout=timeout_s)
+            if pending:
+                log.warning(
+                    "%d unbatched requests did not finish within %.1f s; answering 503", len(pending), timeout_s
+                )
+                self._abandoned = True
         if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-
-    def _report_depth(self) -> None:
-        if self._metrics is not None:
-            self._metrics.queue_depth.set(self.queue_depth)
+            self._executor.shutdown(wait=False)

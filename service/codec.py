@@ -26,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import ValidationError
 
+from service.core import Answer
 from service.errors import PayloadTooLarge, validation_error
 from service.preprocess import SIZE, Scale, from_pixels, to_mnist, to_png_base64, to_uint8
 from service.schemas import BatchRequest, PredictItem, PredictRequest
@@ -231,15 +232,15 @@ def item_image(item: Item) -> FloatImage | None:
     return to_mnist(image) if item.normalize else image
 
 
-def predictions(
-    probs: npt.NDArray[np.float32], images: FloatImage, top_k: int | None, return_image: bool
-) -> list[dict[str, Any]]:
-    """The ``Prediction`` objects (see :mod:`service.schemas`) for each row of ``probs`` (and of the n × 28 × 28
+def predictions(answer: Answer, images: FloatImage, top_k: int | None, return_image: bool) -> list[dict[str, Any]]:
+    """The ``Prediction`` objects (see :mod:`service.schemas`) for each image of ``answer`` (and of the n × 28 × 28
     ``images`` the model saw), as plain dicts."""
+    probs = answer.probabilities
     rows: list[list[float]] = np.round(probs.astype(np.float64), DECIMALS).tolist()
-    digits: list[int] = np.argmax(probs, axis=1).tolist()
+    digits: list[int] = answer.digits.tolist()
     out: list[dict[str, Any]] = [
-        {"digit": d, "confidence": row[d], "probabilities": row} for d, row in zip(digits, rows, strict=True)
+        {"digit": d, "confidence": row[d], "verdict": v, "probabilities": row}
+        for d, row, v in zip(digits, rows, answer.verdicts, strict=True)
     ]
     if top_k:
         order: list[list[int]] = np.argsort(-probs, axis=1, kind="stable")[:, :top_k].tolist()

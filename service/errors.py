@@ -139,8 +139,14 @@ class Overloaded(ServiceError):
     status_code = 503
     code = "overloaded"
 
-    def __init__(self, message: str = "the inference queue is full, retry later", *, retry_after_s: int = 1) -> None:
-        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+    def __init__(
+        self,
+        message: str = "the inference queue is full, retry later",
+        *,
+        retry_after_s: int = 1,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message, code=code, headers={"Retry-After": str(retry_after_s)})
 
 
 #: Validation errors listed in an answer; a wholly wrong 28×28 array would otherwise list hundreds.

@@ -36,14 +36,23 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 
-from service.batching import InferenceRunner, MicroBatcher, UnbatchedRunner
-from service.deps import ServiceState, StateDep
+from service.admission import QueueBudget, usable_cpus
+from service.batching import LARGE_REQUEST_IMAGES, InferenceRunner, MicroBatcher, UnbatchedRunner
+from service.core import DataPlane, ServiceState
+from service.deps import StateDep
 from service.docs import install_docs
 from service.errors import register_error_handlers
 from service.memory import tune_malloc
-from service.metrics import ServiceMetrics
+from service.metrics import ModelMetrics, ServiceMetrics
 from service.middleware import BodySizeLimit, RequestMetrics
-from service.model import OnnxClassifier, load_repository, model_paths
+from service.model import (
+    MAX_RUN_BATCH,
+    FloatArray,
+    LoadedModels,
+    OnnxClassifier,
+    load_repository,
+    model_paths,
+)
 from service.repository import ModelLoader, ModelRepository
 from service.routes import admin, health, predict, v2
 from service.schemas import BatchRequest, PredictRequest
@@ -52,26 +61,39 @@ from service.settings import Settings, describe_settings
 log = logging.getLogger("service")
 
 
-def default_loader(settings: Settings) -> list[OnnxClassifier]:
+def default_loader(settings: Settings) -> LoadedModels:
     """Load, verify and warm up every model version in the settings' model directory."""
     return load_repository(
         settings.resolved_model_dir(),
         intra_op_threads=settings.intra_op_threads,
         inter_op_threads=settings.inter_op_threads,
+        wide_threads=settings.large_request_threads or usable_cpus(),
     )
 
 
-def make_runner(settings: Settings, classifier: OnnxClassifier, metrics: ServiceMetrics) -> InferenceRunner:
-    """The micro-batcher, or the one-request-per-run runner when batching is off."""
+def make_runner(settings: Settings, classifier: OnnxClassifier, metrics: ModelMetrics) -> InferenceRunner:
+    """The micro-batcher, or the one-request-per-run runner when batching is off, admitting by cost."""
+    budget = QueueBudget(max_images=settings.max_queue_images, max_wait_s=settings.max_queue_wait_ms / 1000.0)
+
+    def wide(images: FloatArray) -> FloatArray:
+        return classifier.run(images, wide=True)
+
+    common: dict[str, Any] = {
+        "predict_wide": wide,
+        "wide_from": LARGE_REQUEST_IMAGES,
+        "max_run_images": MAX_RUN_BATCH,
+        "queue_size": settings.queue_size,
+        "budget": budget,
+        "metrics": metrics,
+    }
     if settings.batching:
         return MicroBatcher(
-            classifier.predict,
+            classifier.run,
             max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1000.0,
-            queue_size=settings.queue_size,
-            metrics=metrics,
+            **common,
         )
-    return UnbatchedRunner(classifier.predict, queue_size=settings.queue_size, metrics=metrics)
+    return UnbatchedRunner(classifier.run, **common)
 
 
 def _version() -> str:
@@ -131,10 +153,9 @@ def _lifespan(classifier: OnnxClassifier | None) -> Callable[[FastAPI], contextl
                 loading.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await loading
+            await state.repository.stop(state.settings.shutdown_timeout_s)
             if state.models is not None:
-                await state.repository.stop(state.settings.shutdown_timeout_s)
                 log.info("drained the inference queue")
-            state.metrics.model_ready.set(0)
 
     return lifespan
 
@@ -183,11 +204,13 @@ def create_app(
         redoc_url=None,
     )
 
-    def runner_for(model: OnnxClassifier) -> InferenceRunner:
-        return make_runner(settings, model, metrics)
+    def runner_for(model: OnnxClassifier, model_metrics: ModelMetrics) -> InferenceRunner:
+        return make_runner(settings, model, model_metrics)
 
     repository = ModelRepository(settings, metrics, loader, runner_for)
-    app.state.service = ServiceState(settings=settings, metrics=metrics, repository=repository)
+    state = ServiceState(settings=settings, metrics=metrics, repository=repository)
+    app.state.service = state
+    app.state.plane = DataPlane(state)
     register_error_handlers(app)
     app.include_router(health.router)
     app.include_router(predict.router)
@@ -197,8 +220,6 @@ def create_app(
 
     @app.get("/metrics", tags=["health"], response_class=Response, summary="Prometheus metrics")
     async def prometheus_metrics(state: StateDep) -> Response:
-        if state.models is not None:
-            state.metrics.queue_depth.set(state.models.queue_depth)
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
     _install_openapi(app, [PredictRequest, BatchRequest])

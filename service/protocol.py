@@ -6,22 +6,25 @@ Input: one tensor ``input``, datatype ``FP32``, values in 0..1 (white ink on bla
 ``[N, 28, 28, 1]`` (what the ONNX graph takes) or, for convenience, ``[N, 28, 28]`` or ``[N, 784]``; its ``data``
 flattened in row-major order or nested, or sent as binary (Triton's binary tensor data extension).
 
-Outputs: ``probabilities`` FP32 ``[N, 10]`` and ``digit`` INT64 ``[N]`` (the most likely digit), each in JSON
-``data`` or, when asked with ``"binary_data": true`` (or the request's ``"binary_data_output": true``), as raw
-little-endian bytes after the JSON header, whose length the ``Inference-Header-Content-Length`` header gives.
+Outputs: ``probabilities`` FP32 ``[N, 10]``, ``digit`` INT64 ``[N]`` (the most likely digit) and ``verdict`` BYTES
+``[N]`` (``digit``, ``unsure`` or ``not_a_digit``), each in JSON ``data`` or, when asked with ``"binary_data": true``
+(or the request's ``"binary_data_output": true``), as raw little-endian bytes after the JSON header, whose length
+the ``Inference-Header-Content-Length`` header gives (BYTES elements as a 4-byte length, then the bytes).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 
+from service.admission import JsonBudget
+from service.core import Answer
 from service.errors import InvalidInput, PayloadTooLarge
 from service.model import IMAGE_SHAPE, NUM_CLASSES, FloatArray
 
@@ -31,11 +34,20 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 PIXELS = math.prod(IMAGE_SHAPE)
 PROBABILITIES = "probabilities"
 DIGIT = "digit"
+VERDICT = "verdict"
 #: Output name → (datatype, shape with -1 for the batch).
-OUTPUTS: dict[str, tuple[str, list[int]]] = {PROBABILITIES: ("FP32", [-1, NUM_CLASSES]), DIGIT: ("INT64", [-1])}
+OUTPUTS: dict[str, tuple[str, list[int]]] = {
+    PROBABILITIES: ("FP32", [-1, NUM_CLASSES]),
+    DIGIT: ("INT64", [-1]),
+    VERDICT: ("BYTES", [-1]),
+}
 INPUT_DATATYPE = "FP32"
 #: The input shapes accepted, after the batch dimension.
 INPUT_SHAPES = (IMAGE_SHAPE, IMAGE_SHAPE[:2], (PIXELS,))
+
+
+_decode = msgspec.json.Decoder().decode
+Buffer = bytes | bytearray | memoryview
 
 
 class ProtocolError(InvalidInput):
@@ -57,6 +69,7 @@ class InferRequest:
 
     id: str | None
     images: FloatArray
+    """float32 [N, 28, 28] in 0..1."""
     outputs: tuple[RequestedOutput, ...]
 
 
@@ -75,7 +88,7 @@ def _flag(parameters: Mapping[str, Any], name: str, default: bool) -> bool:
     return value
 
 
-def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+def _split_body(body: Buffer, header_length: str | None) -> tuple[Buffer, Buffer]:
     if header_length is None:
         return body, b""
     try:
@@ -84,7 +97,8 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
         raise ProtocolError(f"{HEADER_LENGTH} must be an integer, not {header_length!r}") from None
     if not 0 < length <= len(body):
         raise ProtocolError(f"{HEADER_LENGTH} is {length} but the body has {len(body)} bytes")
-    return body[:length], body[length:]
+    view = memoryview(body)  # no copies of a large body
+    return view[:length], view[length:]
 
 
 def _shape(value: Any, max_images: int) -> tuple[int, ...]:
@@ -115,7 +129,7 @@ def _json_values(data: Any, count: int) -> npt.NDArray[np.float32]:
     return values.astype(np.float32).reshape(-1)
 
 
-def _binary_values(binary: bytes, offset: int, size: Any, count: int) -> tuple[npt.NDArray[np.float32], int]:
+def _binary_values(binary: Buffer, offset: int, size: Any, count: int) -> tuple[npt.NDArray[np.float32], int]:
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise ProtocolError("parameter 'binary_data_size' must be a non-negative integer")
     if size != count * 4:
@@ -126,12 +140,13 @@ def _binary_values(binary: bytes, offset: int, size: Any, count: int) -> tuple[n
     return values, offset + size
 
 
-def parse_infer_request(body: bytes, header_length: str | None, *, input_name: str, max_images: int) -> InferRequest:
+def parse_infer_request(body: Buffer, header_length: str | None, *, input_name: str, max_images: int) -> InferRequest:
     """Decode and validate an inference request body (JSON, optionally followed by binary tensor data)."""
     header, binary = _split_body(body, header_length)
+    JsonBudget.for_tensor(max_images).check(header)  # before a single Python object is built
     try:
-        request = json.loads(header)
-    except (UnicodeDecodeError, ValueError) as exc:
+        request = _decode(header)
+    except msgspec.DecodeError as exc:
         raise ProtocolError(f"the inference request is not valid JSON: {exc}") from None
     except RecursionError:
         raise ProtocolError("the inference request nests JSON arrays too deeply") from None
@@ -173,7 +188,7 @@ def parse_infer_request(body: bytes, header_length: str | None, *, input_name: s
         requested = tuple(_requested_output(o, binary_default) for o in outputs)
     else:
         raise ProtocolError("'outputs' must be a non-empty list when given")
-    images = values.reshape(shape[0], *IMAGE_SHAPE)
+    images = values.reshape(shape[0], *IMAGE_SHAPE[:2])
     return InferRequest(id=request_id, images=images, outputs=requested)
 
 
@@ -190,36 +205,47 @@ def _requested_output(value: Any, binary_default: bool) -> RequestedOutput:
     return RequestedOutput(str(name), _flag(parameters, "binary_data", binary_default))
 
 
+def _bytes_tensor(values: Sequence[str]) -> bytes:
+    """Triton's binary form of a BYTES tensor: each element as a little-endian uint32 length, then its bytes."""
+    out = bytearray()
+    for value in values:
+        data = value.encode()
+        out += len(data).to_bytes(4, "little") + data
+    return bytes(out)
+
+
 def encode_infer_response(
-    *,
-    model_name: str,
-    model_version: str,
-    request_id: str | None,
-    probs: FloatArray,
-    outputs: Sequence[RequestedOutput],
+    answer: Answer, request_id: str | None, outputs: Sequence[RequestedOutput]
 ) -> tuple[bytes, dict[str, str]]:
     """The response body and its headers (content type, and the JSON length when binary tensors follow)."""
-    tensors: dict[str, np.ndarray] = {
-        PROBABILITIES: np.ascontiguousarray(probs, dtype="<f4"),
-        DIGIT: np.argmax(probs, axis=1).astype("<i8"),
-    }
     described: list[dict[str, Any]] = []
     blobs: list[bytes] = []
+    n = len(answer)
     for output in outputs:
-        array = tensors[output.name]
-        entry: dict[str, Any] = {"name": output.name, "datatype": OUTPUTS[output.name][0], "shape": list(array.shape)}
+        entry: dict[str, Any] = {"name": output.name, "datatype": OUTPUTS[output.name][0]}
+        blob: bytes
+        if output.name == PROBABILITIES:
+            probs = np.ascontiguousarray(answer.probabilities, dtype="<f4")
+            entry["shape"] = list(probs.shape)
+            blob, data = (probs.tobytes(), None) if output.binary else (b"", probs.reshape(-1).tolist())
+        elif output.name == DIGIT:
+            digits = answer.digits.astype("<i8")
+            entry["shape"] = [n]
+            blob, data = (digits.tobytes(), None) if output.binary else (b"", digits.tolist())
+        else:
+            entry["shape"] = [n]
+            blob, data = (_bytes_tensor(answer.verdicts), None) if output.binary else (b"", list(answer.verdicts))
         if output.binary:
-            blob = array.tobytes()
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            entry["data"] = array.reshape(-1).tolist()
+            entry["data"] = data
         described.append(entry)
-    response: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
+    response: dict[str, Any] = {"model_name": answer.name, "model_version": answer.version}
     if request_id is not None:
         response["id"] = request_id
     response["outputs"] = described
-    header = json.dumps(response, separators=(",", ":")).encode()
+    header = msgspec.json.encode(response)
     if not blobs:
         return header, {"content-type": "application/json"}
     return header + b"".join(blobs), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(header))}

@@ -19,25 +19,26 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from service.batching import InferenceRunner
-from service.errors import ModelNotFound
-from service.metrics import ServiceMetrics
-from service.model import ModelLoadError, OnnxClassifier, version_key
+from service.errors import ModelNotFound, ModelNotReady
+from service.metrics import ModelMetrics, ServiceMetrics
+from service.model import LoadedModels, ModelLoadError, OnnxClassifier, Problem, version_key
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: Builds the batcher (or unbatched runner) for one classifier.
-RunnerFactory = Callable[[OnnxClassifier], InferenceRunner]
-#: Loads the classifiers to serve (blocking: runs in a worker thread).
-ModelLoader = Callable[[Settings], OnnxClassifier | Sequence[OnnxClassifier]]
+#: Builds the batcher (or unbatched runner) for one classifier, recording into that model's metrics.
+RunnerFactory = Callable[[OnnxClassifier, ModelMetrics], InferenceRunner]
+#: Loads the classifiers to serve (blocking: runs in a worker thread), with the versions it had to leave out.
+ModelLoader = Callable[[Settings], OnnxClassifier | Sequence[OnnxClassifier] | LoadedModels]
 
 
 @dataclass(eq=False)
 class ServedModel:
-    """One model version and the runner that feeds it."""
+    """One model version, the runner that feeds it, and its metrics."""
 
     classifier: OnnxClassifier
     runner: InferenceRunner
+    metrics: ModelMetrics
 
     @property
     def name(self) -> str:
@@ -51,7 +52,14 @@ class ServedModel:
 class ModelSet:
     """The model versions served together, the default among them, and the requests currently using them."""
 
-    def __init__(self, models: Sequence[ServedModel], default_name: str, default_version: str | None = None) -> None:
+    def __init__(
+        self,
+        models: Sequence[ServedModel],
+        default_name: str,
+        default_version: str | None = None,
+        problems: Sequence[Problem] = (),
+    ) -> None:
+        self.problems = list(problems)
         by_name: dict[str, dict[str, ServedModel]] = {}
         for model in models:
             versions = by_name.setdefault(model.name, {})
@@ -65,12 +73,16 @@ class ModelSet:
         }
         if default_name not in self._by_name:
             found = ", ".join(self._by_name) or "none"
-            raise ModelLoadError(f"the default model {default_name!r} is not in the repository (found: {found})")
+            why = [str(p) for p in self.problems if p.name == default_name]
+            because = f"; it could not be loaded: {'; '.join(why)}" if why else ""
+            raise ModelLoadError(f"the default model {default_name!r} is not servable (found: {found}){because}")
         self._pinned = {default_name: default_version} if default_version else {}
         if default_version and default_version not in self._by_name[default_name]:
+            why = [str(p) for p in self.problems if (p.name, p.version) == (default_name, default_version)]
+            because = f"; it could not be loaded: {'; '.join(why)}" if why else ""
             raise ModelLoadError(
-                f"the default model {default_name!r} has no version {default_version!r} "
-                f"(found: {', '.join(self._by_name[default_name])})"
+                f"the default model {default_name!r} has no servable version {default_version!r} "
+                f"(found: {', '.join(self._by_name[default_name])}){because}"
             )
         self.default = self.resolve(default_name, None)
         self._leases = 0
@@ -181,6 +193,10 @@ class ModelRepository:
         self.last_reload_error: str | None = None
         self._lock: asyncio.Lock | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._closing = False
+        #: Reloads finished (successful or not), and asked for; a caller can wait for the one after its request.
+        self.reloads_done = 0
+        self._reload_done: asyncio.Condition | None = None
 
     @property
     def lock(self) -> asyncio.Lock:
@@ -190,9 +206,13 @@ class ModelRepository:
         return self._lock
 
     async def _build(self, injected: Sequence[OnnxClassifier] | None) -> ModelSet:
+        problems: list[Problem] = []
         if injected is None:
             loaded = await asyncio.to_thread(self.loader, self.settings)
-            classifiers = [loaded] if isinstance(loaded, OnnxClassifier) else list(loaded)
+            if isinstance(loaded, LoadedModels):
+                classifiers, problems = list(loaded.classifiers), list(loaded.problems)
+            else:
+                classifiers = [loaded] if isinstance(loaded, OnnxClassifier) else list(loaded)
         else:
             classifiers = list(injected)
         if not classifiers:
@@ -200,18 +220,27 @@ class ModelRepository:
         for classifier in classifiers:
             if not classifier.warmed_up:
                 await asyncio.to_thread(classifier.warm_up)
-        served = [ServedModel(c, self.make_runner(c)) for c in classifiers]
+        served = []
+        for c in classifiers:
+            metrics = self.metrics.for_model(c.name, c.version)
+            served.append(ServedModel(c, self.make_runner(c, metrics), metrics))
         default, version = self.settings.model_name, self.settings.model_version
         if injected is not None and len(served) == 1:
             default, version = served[0].name, None  # a model handed in by the caller is the default, named as it is
-        models = ModelSet(served, default, version)
+        models = ModelSet(served, default, version, problems)
         await models.start()
         return models
 
-    def _publish(self, models: ModelSet) -> None:
-        default = models.default.classifier
-        self.metrics.set_model({"name": default.name, "version": default.version, "sha256": default.sha256})
-        self.metrics.models_served.set(len(models))
+    def _publish(self, models: ModelSet, old: ModelSet | None = None) -> None:
+        keys = {(m.name, m.version) for m in models}
+        for m in old or ():
+            if (m.name, m.version) not in keys:
+                m.metrics.ready.set(0)
+        for m in models:
+            m.metrics.ready.set(1)
+        self.metrics.set_models(
+            ((m.name, m.version, m.classifier.sha256, m is models.default) for m in models), len(models.problems)
+        )
 
     async def start(self, classifiers: Sequence[OnnxClassifier] | None = None) -> None:
         """The first load: ``classifiers`` when given (already loaded), else the loader's. Failures are recorded."""
@@ -229,12 +258,42 @@ class ModelRepository:
             self.current = models
             self._publish(models)
 
+    @property
+    def reload_done(self) -> asyncio.Condition:
+        if self._reload_done is None:
+            self._reload_done = asyncio.Condition()
+        return self._reload_done
+
+    async def wait_for_reload(self, after: int, timeout_s: float) -> None:
+        """Wait (up to ``timeout_s``) until more than ``after`` reloads have finished."""
+        async with self.reload_done:
+            await asyncio.wait_for(self.reload_done.wait_for(lambda: self.reloads_done > after), timeout_s)
+
+    async def _finished_one(self) -> None:
+        self.reloads_done += 1
+        async with self.reload_done:
+            self.reload_done.notify_all()
+
     async def reload(self) -> ReloadResult:
         """Load the repository again, swap the new set in, drain the old one. Raises on failure (old set kept)."""
+        try:
+            return await self._reload()
+        finally:
+            await self._finished_one()
+
+    async def _reload(self) -> ReloadResult:
         async with self.lock:
+            if self._closing:
+                raise ModelNotReady("shutting down: no reload")
             started = time.perf_counter()
             try:
                 models = await self._build(None)
+                if self._closing:  # shutdown began while the new set loaded: it must not outlive the process
+                    await models.stop(0.1)
+                    raise ModelNotReady("shutting down: the reloaded models were not swapped in")
+                if models.problems:  # a reload is all or nothing: what serves now must not silently shrink
+                    await models.stop(0.1)
+                    raise ModelLoadError("; ".join(map(str, models.problems)))
             except Exception as exc:
                 message = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
                 self.last_reload_error = message
@@ -244,7 +303,7 @@ class ModelRepository:
                 raise
             old, self.current = self.current, models
             self.load_error = self.last_reload_error = None
-            self._publish(models)
+            self._publish(models, old)
             self.metrics.reloads.labels(result="ok").inc()
             log.info(
                 "reloaded: now serving %s (default %s %s)",
@@ -252,6 +311,8 @@ class ModelRepository:
                 models.default.name,
                 models.default.version,
             )
+            for problem in models.problems:
+                log.warning("reload left out %s", problem)
             if old is not None:
                 await old.stop(self.settings.shutdown_timeout_s)
                 log.info("drained the previous model set")
@@ -269,8 +330,18 @@ class ModelRepository:
         task.add_done_callback(self._background.discard)
 
     async def stop(self, timeout_s: float) -> None:
-        """Shutdown: give a reload in progress ``timeout_s`` to finish, then drain the current set's runners."""
+        """Shutdown: no more reloads; a reload in progress gets ``timeout_s`` to finish (then it is cancelled and
+        whatever it started is stopped), then the current set's runners drain in what is left of ``timeout_s``."""
+        self._closing = True
+        deadline = time.monotonic() + timeout_s
         if self._background:
-            await asyncio.wait(set(self._background), timeout=timeout_s)
+            _, pending = await asyncio.wait(set(self._background), timeout=timeout_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
         if self.current is not None:
-            await asyncio.gather(*(m.runner.stop(timeout_s) for m in self.current))
+            remaining = max(0.1, deadline - time.monotonic())
+            await asyncio.gather(*(m.runner.stop(remaining) for m in self.current))
+            for m in self.current:
+                m.metrics.ready.set(0)

@@ -120,11 +120,17 @@ class SeenImage(BaseModel):
     """The same image as a base64 PNG."""
 
 
+Verdict = Literal["digit", "unsure", "not_a_digit"]
+
+
 class Prediction(BaseModel):
     digit: int = Field(ge=0, le=9, examples=[7])
     """The most likely digit."""
     confidence: float = Field(examples=[0.9998])
-    """Its probability."""
+    """Its probability (calibrated when the model card says so)."""
+    verdict: Verdict = Field(examples=["digit"])
+    """`digit`: trust the answer; `unsure`: a digit the model may misread (ask a person; see `top_k`);
+    `not_a_digit`: the image does not look like one handwritten digit. Thresholds: the model card's `trust`."""
     probabilities: list[float] = Field(min_length=10, max_length=10)
     """Probability of each digit 0..9."""
     top_k: list[Candidate] | None = None
@@ -160,6 +166,8 @@ class ModelInfo(BaseModel):
     metrics: dict[str, float | int]
     """Headline figures from the model card (test accuracy and errors)."""
     parameters: int | None = None
+    trust: dict[str, Any] | None = None
+    """The card's verdict thresholds, calibration and out-of-distribution figures (when the model has them)."""
     ready: bool
     default: bool = False
     """The model a request naming none gets."""
@@ -167,6 +175,10 @@ class ModelInfo(BaseModel):
 
 class ModelsResponse(BaseModel):
     models: list[ModelInfo]
+    problems: list[str] = Field(default_factory=list)
+    """Model versions in the repository that could not be served at the last load, and why."""
+    last_reload_error: str | None = None
+    """Why the last reload failed (the previous models go on serving); null after a successful one."""
 
 
 class Health(BaseModel):

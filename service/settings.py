@@ -71,25 +71,58 @@ class Settings(BaseSettings):
     """Extra wait for more requests to join a batch, in ms; 0: run as soon as the model is free (see batching)."""
 
     queue_size: int = Field(default=1024, ge=1, le=1_000_000)
-    """Most requests waiting for the model; beyond it the service answers 503 with Retry-After."""
+    """Most requests waiting for one model; beyond it the service answers 503 with Retry-After."""
+
+    max_queue_images: int = Field(default=4096, ge=1, le=1_000_000)
+    """Most images waiting for one model (per worker); a request that would pass it gets 503 with Retry-After."""
+
+    max_queue_wait_ms: float = Field(default=500.0, gt=0.0, le=600_000.0)
+    """Longest estimated wait for the model a request is admitted to, in ms; a longer one is refused with 503."""
 
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
     """Largest request body accepted, in bytes; larger bodies get 413 before they are read."""
 
+    max_inflight_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, le=4 * 1024 * 1024 * 1024)
+    """Request-body bytes one worker holds at once, across requests; past it new requests get 503."""
+
     max_batch_items: int = Field(default=1024, ge=1, le=65536)
-    """Most items one /v1/predict/batch request may carry."""
+    """Most items (images) one /v1/predict/batch or /v2 inference request may carry."""
 
     max_image_pixels: int = Field(default=4096 * 4096, ge=28 * 28, le=100_000_000)
-    """Largest decoded image (width × height) accepted; guards against decompression bombs."""
+    """Largest image (width × height) decoded; guards against decompression bombs."""
+
+    max_request_pixels: int = Field(default=4 * 4096 * 4096, ge=28 * 28, le=1_000_000_000)
+    """Most image pixels one request may make the service decode, summed over its images."""
+
+    decode_threads: int = Field(default=0, ge=0, le=64)
+    """Threads decoding images in each worker (0: the usable CPUs divided among the workers, at least 1)."""
 
     intra_op_threads: int = Field(default=1, ge=0, le=256)
-    """onnxruntime threads inside one operator (0: one per core)."""
+    """onnxruntime threads inside one operator for single requests and micro-batches (0: one per core)."""
+
+    large_request_threads: int = Field(default=0, ge=0, le=256)
+    """onnxruntime threads for requests of 64 images or more (0: one per usable CPU)."""
 
     inter_op_threads: int = Field(default=1, ge=0, le=256)
     """onnxruntime threads across operators (0: one per core)."""
 
-    workers: int = Field(default=1, ge=1, le=64)
-    """uvicorn worker processes, each with its own model, batcher and metrics."""
+    workers: int = Field(default=0, ge=0, le=64)
+    """Worker processes sharing the port, each with its own models and batchers (0: one per usable CPU)."""
+
+    max_connections: int = Field(default=1024, ge=8, le=100_000)
+    """Open connections per worker; past it the oldest idle one is closed, so probes still get through."""
+
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)
+    """Largest request line plus headers, in bytes; larger gets 431."""
+
+    header_timeout_s: float = Field(default=10.0, gt=0.0, le=600.0)
+    """Time a client has to send a request's line and headers once it starts one (or connects); then 408."""
+
+    body_timeout_s: float = Field(default=30.0, gt=0.0, le=3600.0)
+    """Time a client has to send a request's whole body once its headers are in; then 408."""
+
+    keep_alive_timeout_s: float = Field(default=5.0, gt=0.0, le=600.0)
+    """An idle keep-alive connection is closed after this long."""
 
     shutdown_timeout_s: float = Field(default=10.0, gt=0.0, le=600.0)
     """On SIGTERM, how long in-flight requests get to finish before they are cancelled, in seconds."""

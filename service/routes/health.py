@@ -12,11 +12,10 @@ from service.schemas import Health, ModelInfo, ModelRef, ModelsResponse, error_r
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", response_model=Health, response_model_exclude_none=True, responses=error_responses(503))
-async def healthz(state: StateDep) -> Health | JSONResponse:
-    """Alive: the process answers. 503 only when the model failed to load (restarting is the cure)."""
-    if state.load_error is not None:
-        return error_response(ModelLoadFailed(state.load_error))
+@router.get("/healthz", response_model=Health, response_model_exclude_none=True)
+async def healthz() -> Health:
+    """Alive: the process answers. Whether the models serve is /readyz's question: a model that failed to load is
+    not cured by restarting the process (fix the files and reload), so liveness never fails for it."""
     return Health(status="ok")
 
 
@@ -39,12 +38,15 @@ async def list_models(state: StateDep) -> ModelsResponse:
     follow by name and version. Name one of them with `?model=&version=` on /v1/predict.
     """
     models = state.models
+    last_error = state.repository.last_reload_error
     if models is None:
-        return ModelsResponse(models=[])
+        return ModelsResponse(models=[], last_reload_error=last_error)
     ordered = [models.default, *(m for m in models if m is not models.default)]
     return ModelsResponse(
         models=[
             ModelInfo.model_validate({**m.classifier.describe(), "ready": state.ready, "default": m is models.default})
             for m in ordered
-        ]
+        ],
+        problems=[str(p) for p in models.problems],
+        last_reload_error=last_error,
     )

@@ -19,7 +19,10 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.admission import JsonBudget
+from service.body import check_encoding, read_body
 from service.codec import Item, encode, item_image, parse_batch, parse_predict, predictions, too_many_items
+from service.core import request_info
 from service.deps import ModelChoice, ModelChoiceDep, require_api_key
 from service.errors import InvalidInput, ServiceError, UnsupportedMediaType, validation_error
 from service.model import FloatArray
@@ -146,29 +149,21 @@ async def _answer(
     """
     images, body_top_k, body_return_image = await _read_items(request, choice.settings, batch=batch)
     top_k, return_image = _pick(body_top_k, top_k), _pick(body_return_image, return_image)
-    with choice.lease() as model:
-        probs = await model.runner.predict(images[..., np.newaxis])
-    ref = {"name": model.classifier.name, "version": model.classifier.version}
-    return predictions(probs, images, top_k, bool(return_image)), ref
+    answer = await choice.plane.infer(choice.model, choice.version, images, request_info(request.scope))
+    ref = {"name": answer.name, "version": answer.version}
+    return predictions(answer, images, top_k, bool(return_image)), ref
 
 
 def _pick(body_value: Any, query_value: Any) -> Any:
     return body_value if body_value is not None else query_value
 
 
-async def _body(request: Request) -> bytearray:
-    # Starlette's request.body() keeps the chunks and their join at once: twice a large batch's size at the peak.
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-    return body
-
-
 async def _read_items(request: Request, settings: Settings, batch: bool) -> tuple[FloatArray, int | None, bool | None]:
     """The images of a JSON or multipart body (float32 n × 28 × 28), with the top_k / return_image it names."""
     kind = _media_type(request)
     if kind == JSON:
-        body = await _body(request)
+        budget = JsonBudget.for_batch(settings.max_batch_items) if batch else JsonBudget.for_predict()
+        body = await read_body(request, budget)
         parsed = parse_batch(body, settings.max_batch_items) if batch else parse_predict(body)
         del body
         if parsed.images is not None:  # plain pixels, already one array
@@ -176,6 +171,7 @@ async def _read_items(request: Request, settings: Settings, batch: bool) -> tupl
         images = await _preprocess(parsed.items, settings, indexed=batch)
         return np.stack(images), parsed.top_k, parsed.return_image
     if kind == MULTIPART:
+        check_encoding(request.headers.get("content-encoding"))
         payloads, options = await _form_files(request, settings, batch)
         images = await asyncio.to_thread(_decode_uploads, payloads, settings)
         return np.stack(images), options.top_k, options.return_image

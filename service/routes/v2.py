@@ -23,7 +23,9 @@ from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from service.deps import ServiceState, StateDep, require_api_key
+from service.body import read_body
+from service.core import DataPlane, ServiceState, request_info
+from service.deps import PlaneDep, StateDep, require_api_key
 from service.model import IMAGE_SHAPE
 from service.protocol import HEADER_LENGTH, INPUT_DATATYPE, OUTPUTS, encode_infer_response, parse_infer_request
 from service.repository import ModelSet, ServedModel
@@ -90,6 +92,7 @@ def _config(state: ServiceState, served: ServedModel) -> dict[str, Any]:
         "output": [
             {"name": "probabilities", "data_type": "TYPE_FP32", "dims": [10]},
             {"name": "digit", "data_type": "TYPE_INT64", "dims": [1], "reshape": {"shape": []}},
+            {"name": "verdict", "data_type": "TYPE_STRING", "dims": [1], "reshape": {"shape": []}},
         ],
         "parameters": {
             "version": {"string_value": served.version},
@@ -171,30 +174,21 @@ async def repository_index(state: StateDep) -> list[dict[str, str]]:
     return [{"name": m.name, "version": m.version, "state": state_name, "reason": ""} for m in models]
 
 
-async def _infer(request: Request, state: ServiceState, name: str, version: str | None) -> Response:
-    served = state.ready_models().resolve(name, version)  # 404 / 503 before the body is read
-    body = await request.body()
+async def _infer(request: Request, plane: DataPlane, name: str, version: str | None) -> Response:
+    served = plane.resolve(name, version)  # 404 / 503 before the body is read
+    max_images = plane.settings.max_batch_items
+    body = await read_body(request, None)  # the JSON budget is checked on the header, once it is split off
     parse = functools.partial(
         parse_infer_request,
         body,
         request.headers.get(HEADER_LENGTH),
         input_name=served.classifier.input.name,
-        max_images=state.settings.max_batch_items,
+        max_images=max_images,
     )
     parsed = await asyncio.to_thread(parse) if len(body) >= OFF_LOOP_BYTES else parse()
-    # Leased only around the model run (a slow upload must not hold up a reload), resolved again without an await
-    # in between: a reload's swap cannot slip in, and a reload during the upload serves this request the new set.
-    models = state.ready_models()
-    served = models.resolve(name, version)
-    with models.lease():
-        probs = await served.runner.predict(parsed.images)
-    content, headers = encode_infer_response(
-        model_name=served.name,
-        model_version=served.version,
-        request_id=parsed.id,
-        probs=probs,
-        outputs=parsed.outputs,
-    )
+    del body
+    answer = await plane.infer(name, version, parsed.images, request_info(request.scope))
+    content, headers = encode_infer_response(answer, parsed.id, parsed.outputs)
     media_type = headers.pop("content-type")
     return Response(content, media_type=media_type, headers=headers)
 
@@ -227,8 +221,8 @@ _INFER_DOC: dict[str, Any] = {
     dependencies=[Depends(require_api_key)],
     openapi_extra=_INFER_DOC,
 )
-async def infer(request: Request, state: StateDep, name: NamePath) -> Response:
-    return await _infer(request, state, name, None)
+async def infer(request: Request, plane: PlaneDep, name: NamePath) -> Response:
+    return await _infer(request, plane, name, None)
 
 
 @router.post(
@@ -238,5 +232,5 @@ async def infer(request: Request, state: StateDep, name: NamePath) -> Response:
     dependencies=[Depends(require_api_key)],
     openapi_extra=_INFER_DOC,
 )
-async def infer_version(request: Request, state: StateDep, name: NamePath, version: VersionPath) -> Response:
-    return await _infer(request, state, name, version)
+async def infer_version(request: Request, plane: PlaneDep, name: NamePath, version: VersionPath) -> Response:
+    return await _infer(request, plane, name, version)

@@ -68,8 +68,11 @@ def metric_samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], fl
 
 
 def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample (0.0 when absent)."""
-    return metric_samples(text).get((name, frozenset(labels.items())), 0.0)
+    """The sum of the samples called ``name`` whose labels include ``labels`` (0.0 when there are none).
+
+    ``metric(text, "mnist_serve_batch_size_count")`` counts the runs of every model; add ``model=`` to pick one."""
+    wanted = set(labels.items())
+    return sum(v for (n, got), v in metric_samples(text).items() if n == name and wanted <= got)
 
 
 def batches_larger_than_one(text: str) -> float:

@@ -25,7 +25,7 @@ from service_helpers import (
     png_claiming_size,
 )
 
-from service.model import ModelLoadError, OnnxClassifier
+from service.model import MAX_RUN_BATCH, ModelLoadError, OnnxClassifier
 
 #: Allowed shortfall against the card's test accuracy on the 1,000-image subset (sampling noise of a subset).
 ACCURACY_TOLERANCE = 0.005
@@ -72,7 +72,7 @@ def test_not_ready_until_the_model_is_loaded(make_client: ClientFactory, classif
     assert client.get("/readyz").headers["Retry-After"]
     predict = client.post("/v1/predict", json={"pixels": [[0] * 28] * 28})
     assert error_of(predict, 503)["code"] == "model_not_ready" and predict.headers["Retry-After"]
-    assert client.get("/v1/models").json() == {"models": []}
+    assert client.get("/v1/models").json() == {"models": [], "problems": [], "last_reload_error": None}
     assert metric(client.get("/metrics").text, "mnist_serve_model_ready") == 0
 
     release.set()
@@ -90,10 +90,12 @@ def test_a_model_that_fails_to_load_is_reported(make_client: ClientFactory) -> N
 
     client = make_client(model=None, loader=broken_loader)
     deadline = time.monotonic() + 5
-    while client.get("/healthz").status_code == 200:
+    while client.get("/readyz").json()["error"]["code"] != "model_load_failed":
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    assert error_of(client.get("/healthz"), 503)["code"] == "model_load_failed"
+    # Not ready, but alive: restarting the process would not cure the files (under Kubernetes a failing liveness
+    # probe would turn this into a restart loop); fix them and reload instead.
+    assert client.get("/healthz").status_code == 200
     assert "sha256" in error_of(client.get("/readyz"), 503)["message"]
     assert error_of(client.post("/v1/predict", json={}), 503)["code"] == "model_load_failed"
 
@@ -110,7 +112,7 @@ def test_pixels_0_255_and_0_1_give_the_same_answer(client: TestClient, mnist_tes
         assert a.json()["digit"] == b.json()["digit"] == y[i]
         np.testing.assert_allclose(a.json()["probabilities"], b.json()["probabilities"], atol=1e-5)
     body = a.json()
-    assert set(body) == {"digit", "confidence", "probabilities", "model"}
+    assert set(body) == {"digit", "confidence", "verdict", "probabilities", "model"}
     assert body["model"] == {"name": model_card["name"], "version": model_card["version"]}
     assert len(body["probabilities"]) == 10 and abs(sum(body["probabilities"]) - 1) < 1e-3
     assert body["confidence"] == max(body["probabilities"])
@@ -176,7 +178,9 @@ def test_batch_of_1000_in_order_at_the_cards_accuracy_in_one_run(
     client: TestClient, mnist_test: tuple, model_card: dict, classifier: OnnxClassifier
 ) -> None:
     x, y = mnist_test[0][:1000], mnist_test[1][:1000]
-    runs_before = metric(client.get("/metrics").text, "mnist_serve_batch_size_count")
+    before = client.get("/metrics").text
+    runs_before = metric(before, "mnist_serve_batch_size_count")
+    waits_before = metric(before, "mnist_serve_queue_duration_seconds_count")
     response = client.post("/v1/predict/batch", json={"items": [pixels_payload(d) for d in x]})
     assert response.status_code == 200, response.text[:500]
     body = response.json()
@@ -188,7 +192,13 @@ def test_batch_of_1000_in_order_at_the_cards_accuracy_in_one_run(
     np.testing.assert_allclose([p["probabilities"] for p in body["predictions"]], direct, atol=2e-6)
     assert accuracy(predicted, y) >= model_card["metrics"]["test_accuracy"] - ACCURACY_TOLERANCE
     text = client.get("/metrics").text
-    assert metric(text, "mnist_serve_batch_size_count") - runs_before == 1  # one model run for the lot
+    # One request, queued once, computed in onnxruntime runs of at most MAX_RUN_BATCH images (what the batch-size
+    # histogram records: the runs themselves, never a client's batch).
+    assert metric(text, "mnist_serve_queue_duration_seconds_count") - waits_before == 1
+    assert metric(text, "mnist_serve_batch_size_count") - runs_before == -(-1000 // MAX_RUN_BATCH)
+    assert metric(text, "mnist_serve_batch_size_bucket", le="+Inf") == metric(
+        text, "mnist_serve_batch_size_bucket", le=f"{MAX_RUN_BATCH:.1f}"
+    )
 
 
 def test_batch_mixes_input_forms_and_keeps_order(client: TestClient, mnist_test: tuple) -> None:
@@ -336,14 +346,14 @@ def test_overloaded_is_503_with_retry_after(make_client: ClientFactory, classifi
         def __getattr__(self, name: str) -> Any:
             return getattr(classifier, name)
 
-        def predict(self, images: np.ndarray) -> np.ndarray:
+        def run(self, images: np.ndarray, wide: bool = False) -> np.ndarray:
             self.entered.set()
             self.gate.wait(10)
-            return classifier.predict(images)
+            return classifier.run(images, wide)
 
     gated = Gated()
     client = make_client(model=gated, queue_size=1, max_batch_size=1, max_wait_ms=0)
-    runner = client.app.state.service.runner  # type: ignore[attr-defined]
+    runner = client.app.state.service.models.default.runner  # type: ignore[attr-defined]
     body = {"pixels": [[0] * 28] * 28}
     statuses: list[int] = []
     threads = [threading.Thread(target=lambda: statuses.append(client.post("/v1/predict", json=body).status_code))]
@@ -416,9 +426,15 @@ def test_metrics_content(client: TestClient, mnist_test: tuple, model_card: dict
     assert metric(text, "mnist_serve_request_duration_seconds_count", route="/v1/predict", method="POST") == 4
     assert metric(text, "mnist_serve_inference_duration_seconds_count") == 3
     assert metric(text, "mnist_serve_batch_size_sum") == 3
-    assert "mnist_serve_queue_depth 0.0" in text
+    served = {"model": model_card["name"], "version": model_card["version"]}
+    assert metric(text, "mnist_serve_queue_depth", **served) == 0
+    assert metric(text, "mnist_serve_inference_requests_total", **served, outcome="answered") == 3
+    assert metric(text, "mnist_serve_inference_images_total", **served) == 3
+    assert metric(text, "mnist_serve_queue_duration_seconds_count", **served) == 3
+    assert metric(text, "mnist_serve_predictions_total", **served) == 3
+    assert metric(text, "mnist_serve_prediction_confidence_count", **served) == 3
     info = [line for line in text.splitlines() if line.startswith("mnist_serve_model_info{")]
-    assert len(info) == 1 and info[0].endswith(" 1.0")
+    assert len(info) == 1 and info[0].endswith(" 1.0") and 'default="true"' in info[0]
     for value in (model_card["name"], model_card["version"], model_card["onnx"]["sha256"]):
         assert f'"{value}"' in info[0]
     assert metric(text, "mnist_serve_model_ready") == 1

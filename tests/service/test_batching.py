@@ -10,6 +10,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
+from service.admission import QueueBudget
 from service.batching import MicroBatcher, UnbatchedRunner
 from service.errors import ModelNotReady, Overloaded
 from service.metrics import ServiceMetrics
@@ -45,7 +46,7 @@ def run(coro_fn: Callable[[], object]) -> object:
 
 def test_concurrent_requests_share_a_run_and_get_their_own_rows() -> None:
     model = RecordingModel()
-    metrics = ServiceMetrics()
+    metrics = ServiceMetrics().for_model("m", "1")
 
     async def scenario() -> list[np.ndarray]:
         batcher = MicroBatcher(model, max_batch_size=64, max_wait_s=0.05, queue_size=100, metrics=metrics)
@@ -63,7 +64,8 @@ def test_concurrent_requests_share_a_run_and_get_their_own_rows() -> None:
     assert sum(model.batches) == 40
     assert max(model.batches) > 1 and len(model.batches) < 40
     assert all(name.startswith("mnist-batch") for name in model.threads)  # never on the event loop's thread
-    assert metrics.batch_size._sum.get() == 40  # type: ignore[attr-defined]
+    assert metrics.run_size._sum.get() == 40  # type: ignore[attr-defined]
+    assert metrics.queue_seconds._sum.get() > 0  # type: ignore[attr-defined]
 
 
 def test_batches_never_exceed_the_maximum_and_big_jobs_run_whole() -> None:
@@ -128,7 +130,8 @@ def test_without_a_wait_requests_that_arrive_during_a_run_form_the_next_batch() 
 def test_a_full_queue_is_refused_with_overloaded() -> None:
     model = RecordingModel()
     model.gate.clear()
-    metrics = ServiceMetrics()
+    service_metrics = ServiceMetrics()
+    metrics = service_metrics.for_model("m", "1")
 
     async def scenario() -> None:
         batcher = MicroBatcher(model, max_batch_size=1, max_wait_s=0, queue_size=2, metrics=metrics)
@@ -146,7 +149,8 @@ def test_a_full_queue_is_refused_with_overloaded() -> None:
         await batcher.stop()
 
     run(scenario)
-    assert metrics.overloaded._value.get() == 1  # type: ignore[attr-defined]
+    assert service_metrics.overloaded._value.get() == 1  # type: ignore[attr-defined]
+    assert metrics.refused._value.get() == 1  # type: ignore[attr-defined]
 
 
 def test_stop_answers_every_admitted_request_then_refuses_new_ones() -> None:
@@ -260,5 +264,111 @@ def test_unbatched_runner_bounds_requests_in_flight() -> None:
         await runner.stop()
         with pytest.raises(ModelNotReady):
             await runner.predict(image(0.1))
+
+    run(scenario)
+
+
+# --- admission by cost, runs, shutdown -----------------------------------------------------------------------
+
+
+def test_admission_counts_images_and_refuses_a_wait_past_the_budget_fast() -> None:
+    """A queue of large requests makes a small one wait: past the wait budget it is refused at once, not queued."""
+    model = RecordingModel()
+    model.gate.clear()
+
+    async def scenario() -> None:
+        budget = QueueBudget(max_images=10_000, max_wait_s=0.5, seconds_per_image=0.001)
+        batcher = MicroBatcher(model, max_batch_size=64, max_wait_s=0, queue_size=1000, budget=budget)
+        await batcher.start()
+        running = asyncio.ensure_future(batcher.predict(image(0.1, n=1000)))
+        await asyncio.to_thread(model.entered.wait, 5)  # 1,000 images hold the model
+        behind = asyncio.ensure_future(batcher.predict(image(0.2, n=300)))  # nothing waits yet: admitted
+        small = asyncio.ensure_future(batcher.predict(image(0.3)))  # 300 ms of work ahead: within 500 ms
+        also = asyncio.ensure_future(batcher.predict(image(0.3, n=300)))  # 301 ms ahead: admitted
+        await asyncio.sleep(0.01)
+        assert budget.queued_images == 601 and batcher.queue_depth == 3
+        started = time.perf_counter()
+        with pytest.raises(Overloaded) as refused:
+            await batcher.predict(image(0.4))  # 601 ms of work ahead: past the budget
+        assert time.perf_counter() - started < 0.1
+        assert refused.value.headers["Retry-After"] == "1" and "601 images" in refused.value.message
+        model.gate.set()
+        await asyncio.gather(running, behind, small, also)
+        assert budget.queued_images == 0
+        assert budget.seconds_per_image < 0.001  # learnt from the runs (the recording model is fast)
+        await batcher.stop()
+
+    run(scenario)
+
+
+def test_the_image_bound_holds_even_when_the_model_is_fast() -> None:
+    budget = QueueBudget(max_images=100, max_wait_s=60, seconds_per_image=1e-6)
+    budget.admit(80)
+    with pytest.raises(Overloaded):
+        budget.admit(30)
+    budget.admit(20)
+    budget.started(100)
+    budget.admit(500)  # an idle queue always admits: one large request can run on an idle model
+
+
+def test_runs_are_split_timed_and_large_requests_go_wide() -> None:
+    narrow, wide = RecordingModel(), RecordingModel()
+    metrics = ServiceMetrics().for_model("m", "1")
+
+    async def scenario() -> None:
+        batcher = MicroBatcher(
+            narrow, predict_wide=wide, wide_from=64, max_run_images=32, max_batch_size=64, metrics=metrics
+        )
+        await batcher.start()
+        await batcher.predict(image(0.1, n=100))  # a large request: on the wide session, in runs of 32
+        await batcher.predict(image(0.1, n=5))
+        await batcher.stop()
+
+    run(scenario)
+    assert wide.batches == [32, 32, 32, 4] and narrow.batches == [5]
+    assert metrics.run_size._sum.get() == 105  # type: ignore[attr-defined]
+    assert metrics.compute_seconds._sum.get() > 0  # type: ignore[attr-defined]
+
+
+def test_stop_takes_at_most_its_timeout_and_fails_what_is_left_with_503() -> None:
+    model = RecordingModel()
+    model.gate.clear()
+
+    async def scenario() -> None:
+        batcher = MicroBatcher(model, max_batch_size=1, max_wait_s=0, queue_size=10)
+        await batcher.start()
+        stuck = asyncio.ensure_future(batcher.predict(image(0.1)))
+        await asyncio.to_thread(model.entered.wait, 5)
+        waiting = asyncio.ensure_future(batcher.predict(image(0.2)))
+        await asyncio.sleep(0.01)
+        started = time.perf_counter()
+        await batcher.stop(timeout_s=0.3)
+        assert time.perf_counter() - started < 0.45  # one deadline for the whole drain, not one per step
+        for request in (stuck, waiting):
+            with pytest.raises(ModelNotReady):
+                await request
+        model.gate.set()
+
+    run(scenario)
+
+
+def test_unbatched_stop_answers_503_to_requests_it_could_not_run() -> None:
+    """After a drain that timed out, requests still queued get 503 (ModelNotReady), never a cancellation."""
+    model = RecordingModel()
+    model.gate.clear()
+
+    async def scenario() -> None:
+        runner = UnbatchedRunner(model, queue_size=10, threads=1)
+        await runner.start()
+        stuck = asyncio.ensure_future(runner.predict(image(0.1)))
+        await asyncio.to_thread(model.entered.wait, 5)
+        queued = asyncio.ensure_future(runner.predict(image(0.2)))
+        await asyncio.sleep(0.01)
+        await runner.stop(timeout_s=0.2)
+        model.gate.set()
+        assert (await stuck).shape == (1, 10)  # the run in progress still answers
+        with pytest.raises(ModelNotReady):
+            await queued
+        assert not queued.cancelled()
 
     run(scenario)

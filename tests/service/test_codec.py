@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from service import codec
+from service.core import Answer, judge
 from service.errors import ServiceError
+from service.model import VerdictRule
 
 ZEROS = [[0] * 28 for _ in range(28)]
 
@@ -148,8 +150,11 @@ def test_the_fast_path_scales_like_from_pixels() -> None:
 
 def test_predictions_round_and_rank() -> None:
     probs = np.array([[0.1, 0.7, 0.2, 0, 0, 0, 0, 0, 0, 0], [0.3] * 3 + [0.1] + [0] * 6], dtype=np.float32)
-    out = codec.predictions(probs, np.zeros((2, 28, 28), np.float32), top_k=2, return_image=True)
+    digits, confidence, verdicts = judge(probs, VerdictRule(unsure_below_confidence=0.5))
+    answer = Answer("m", "1", probs, digits, confidence, verdicts)
+    out = codec.predictions(answer, np.zeros((2, 28, 28), np.float32), top_k=2, return_image=True)
     assert out[0]["digit"] == 1 and out[0]["confidence"] == 0.7 == max(out[0]["probabilities"])
+    assert [o["verdict"] for o in out] == ["digit", "unsure"]
     assert out[0]["probabilities"] == [round(float(p), 6) for p in probs[0]]
     assert out[0]["top_k"] == [{"digit": 1, "probability": 0.7}, {"digit": 2, "probability": 0.2}]
     assert [c["digit"] for c in out[1]["top_k"]] == [0, 1]  # ties keep digit order

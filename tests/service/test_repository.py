@@ -25,7 +25,8 @@ from service_helpers import metric, pixels_payload, png_bytes
 
 from service.batching import MicroBatcher
 from service.errors import ModelNotReady
-from service.model import ModelLoadError, OnnxClassifier, find_models, load_repository, version_key
+from service.metrics import ServiceMetrics
+from service.model import ModelLoadError, OnnxClassifier, find_models, load_repository, scan_models, version_key
 from service.repository import ModelSet, ServedModel
 
 ClientFactory = Callable[..., TestClient]
@@ -74,41 +75,68 @@ def test_scan_finds_both_layouts_and_skips_what_is_not_a_model(repo: Path) -> No
         (MODEL_NAME, "10.0.0"),
     ]
     loaded = load_repository(repo, warm_up=False)
-    assert [(c.name, c.version) for c in loaded] == found
-    assert len({c.sha256 for c in loaded}) == 1  # the same bytes, verified against every card
+    assert [(c.name, c.version) for c in loaded.classifiers] == found and loaded.problems == []
+    assert len({c.sha256 for c in loaded.classifiers}) == 1  # the same bytes, verified against every card
 
 
 @pytest.mark.parametrize(
-    ("breakage", "message"),
+    ("breakage", "where", "message"),
     [
-        ("version_dir", "directories must be <name>/<version>/"),
-        ("duplicate", "claimed by both"),
-        ("bad_card", "not readable JSON"),
+        ("version_dir", f"{MODEL_NAME}/8.0.0/{MODEL_NAME}.json", "directories must be <name>/<version>/"),
+        ("duplicate", f"{MODEL_NAME}/7.0.0/{MODEL_NAME}.json", "also claimed by copy.json"),
+        ("bad_card", f"{MODEL_NAME}/10.0.0/{MODEL_NAME}.json", "not readable JSON"),
+        ("no_onnx", f"{MODEL_NAME}/10.0.0/{MODEL_NAME}.json", f"its model file {MODEL_NAME}.onnx is missing"),
     ],
 )
-def test_scan_refuses_an_ambiguous_or_broken_repository(repo: Path, breakage: str, message: str) -> None:
+def test_scan_reports_an_ambiguous_or_broken_version_and_keeps_the_rest(
+    repo: Path, breakage: str, where: str, message: str
+) -> None:
     if breakage == "version_dir":
         (repo / MODEL_NAME / "7.0.0").rename(repo / MODEL_NAME / "8.0.0")  # card still says 7.0.0
     elif breakage == "duplicate":  # a flat copy whose card also says mnist-cnn 7.0.0
         shutil.copyfile(repo / f"{MODEL_NAME}.onnx", repo / "copy.onnx")
         (repo / "copy.json").write_text(json.dumps({**committed_card(), "version": "7.0.0"}))
-    else:
+    elif breakage == "bad_card":
         (repo / MODEL_NAME / "10.0.0" / f"{MODEL_NAME}.json").write_text("{not json")
+    else:
+        (repo / MODEL_NAME / "10.0.0" / f"{MODEL_NAME}.onnx").unlink()
+    scan = scan_models(repo)
+    assert [p.where for p in scan.problems] == [where] and message in scan.problems[0].reason
+    assert str(repo) not in str(scan.problems[0])  # relative paths only: problems are shown to clients
+    assert (MODEL_NAME, committed_card()["version"]) in [m.key for m in scan.models]
     with pytest.raises(ModelLoadError, match=message):
         find_models(repo)
 
 
 def test_loading_an_empty_or_missing_directory_fails_clearly(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match="no models in"):
+    with pytest.raises(ModelLoadError, match="no servable models in"):
         load_repository(tmp_path)
     with pytest.raises(ModelLoadError, match="not found"):
         load_repository(tmp_path / "absent")
 
 
-def test_a_corrupt_model_fails_the_whole_load(repo: Path) -> None:
+def test_a_corrupt_version_is_left_out_of_the_load_and_reported(repo: Path) -> None:
     (repo / MODEL_NAME / "7.0.0" / f"{MODEL_NAME}.onnx").write_bytes(b"\0" * 64)
-    with pytest.raises(ModelLoadError, match="sha256"):
-        load_repository(repo, warm_up=False)
+    loaded = load_repository(repo, warm_up=False)
+    assert "7.0.0" not in [c.version for c in loaded.classifiers] and len(loaded.classifiers) == 2
+    (problem,) = loaded.problems
+    assert problem.where == f"{MODEL_NAME}/7.0.0/{MODEL_NAME}.json" and "sha256" in problem.reason
+
+
+def test_a_broken_non_default_model_at_start_leaves_the_rest_serving(make_client: ClientFactory, repo: Path) -> None:
+    """A corrupt second model must not take the service down, nor show absolute paths to anyone."""
+    broken = add_version(repo, "other-model", "1.0.0")
+    (broken / "other-model.onnx").write_bytes(b"\0" * 64)
+    client = make_client(model=None, model_dir=repo)
+    wait_ready(client)
+    listed = client.get("/v1/models").json()
+    assert [m["name"] for m in listed["models"]] == [MODEL_NAME] * 3
+    assert listed["problems"] == [f"other-model/1.0.0/other-model.json: {listed['problems'][0].split(': ', 1)[1]}"]
+    assert "sha256" in listed["problems"][0]
+    for path in ("/healthz", "/readyz", "/v1/models"):
+        assert str(repo) not in client.get(path).text and "/tmp" not in client.get(path).text
+    assert metric(client.get("/metrics").text, "mnist_serve_model_problems") == 1
+    assert served_version(client.post("/v1/predict", json=BLANK)) == "10.0.0"
 
 
 # --- serving several versions ------------------------------------------------------------------------------
@@ -139,7 +167,8 @@ def test_every_version_is_listed_and_requests_name_one(make_client: ClientFactor
         assert missing.json()["error"]["code"] == "model_not_found" and wanted in missing.json()["error"]["message"]
     text = client.get("/metrics").text
     assert metric(text, "mnist_serve_models_served") == 3
-    assert 'version="10.0.0"' in next(line for line in text.splitlines() if line.startswith("mnist_serve_model_info"))
+    info = [line for line in text.splitlines() if line.startswith("mnist_serve_model_info{")]
+    assert len(info) == 3 and 'version="10.0.0"' in next(line for line in info if 'default="true"' in line)
 
 
 def test_the_default_version_can_be_pinned(make_client: ClientFactory, repo: Path) -> None:
@@ -148,8 +177,11 @@ def test_the_default_version_can_be_pinned(make_client: ClientFactory, repo: Pat
     assert served_version(client.post("/v1/predict", json=BLANK)) == "7.0.0"
     assert served_version(client.post("/v1/predict?version=10.0.0", json=BLANK)) == "10.0.0"
     pinned_to_nothing = make_client(model=None, model_dir=repo, model_version="3.0.0")
-    error = wait_for_status(pinned_to_nothing, "/healthz", 503).json()["error"]
-    assert error["code"] == "model_load_failed" and "no version '3.0.0'" in error["message"]
+    error = wait_for_status(pinned_to_nothing, "/readyz", 503).json()["error"]
+    while error["code"] != "model_load_failed":
+        error = pinned_to_nothing.get("/readyz").json()["error"]
+    assert "no servable version '3.0.0'" in error["message"]
+    assert pinned_to_nothing.get("/healthz").status_code == 200
 
 
 # --- reload ------------------------------------------------------------------------------------------------
@@ -186,12 +218,20 @@ def test_reload_picks_up_new_versions_and_a_bad_reload_keeps_the_old_set(
     assert failed.status_code == 500, failed.text
     error = failed.json()["error"]
     assert error["code"] == "reload_failed" and "sha256" in error["message"] and "previous" in error["message"]
+    assert f"{MODEL_NAME}/12.0.0/{MODEL_NAME}.json" in error["message"] and str(repo) not in error["message"]
     assert served_version(client.post("/v1/predict", json=BLANK, headers=AUTH)) == "11.0.0"
-    assert len(client.get("/v1/models").json()["models"]) == 4
+    listed = client.get("/v1/models").json()
+    assert len(listed["models"]) == 4 and "sha256" in listed["last_reload_error"]
     assert client.get("/readyz").status_code == 200
 
-    # The default model gone from the directory: refused too.
+    # A served version whose ONNX file disappears: not dropped silently, the reload fails and says so.
     shutil.rmtree(broken)
+    (repo / MODEL_NAME / "7.0.0" / f"{MODEL_NAME}.onnx").unlink()
+    vanished = client.post("/v1/admin/reload", headers=AUTH)
+    assert vanished.status_code == 500 and f"its model file {MODEL_NAME}.onnx is missing" in vanished.text
+    assert "7.0.0" in client.get("/v1/models").json()["last_reload_error"]
+
+    # The default model gone from the directory: refused too.
     for path in repo.iterdir():
         if path.is_dir():
             shutil.rmtree(path)
@@ -199,19 +239,21 @@ def test_reload_picks_up_new_versions_and_a_bad_reload_keeps_the_old_set(
             path.unlink()
     add_version(repo, "another-model", "1.0.0")
     gone = client.post("/v1/admin/reload", headers=AUTH)
-    assert gone.status_code == 500 and f"default model '{MODEL_NAME}' is not in the repository" in gone.text
+    assert gone.status_code == 500 and f"default model '{MODEL_NAME}' is not servable" in gone.text
     assert served_version(client.post("/v1/predict", json=BLANK, headers=AUTH)) == "11.0.0"
 
     text = client.get("/metrics").text
     assert metric(text, "mnist_serve_reloads_total", result="ok") == 1
-    assert metric(text, "mnist_serve_reloads_total", result="failed") == 2
+    assert metric(text, "mnist_serve_reloads_total", result="failed") == 3
 
 
 def test_reload_recovers_a_service_whose_first_load_failed(make_client: ClientFactory, tmp_path: Path) -> None:
     repo = tmp_path / "models"
     repo.mkdir()
     client = make_client(model=None, model_dir=repo, api_key=KEY)
-    assert wait_for_status(client, "/healthz", 503).json()["error"]["code"] == "model_load_failed"
+    deadline = time.monotonic() + 10
+    while wait_for_status(client, "/readyz", 503).json()["error"]["code"] != "model_load_failed":
+        assert time.monotonic() < deadline
     flat_repository(repo)
     assert client.post("/v1/admin/reload", headers=AUTH).status_code == 200
     assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
@@ -223,8 +265,9 @@ def test_a_retiring_set_waits_for_its_leases_before_stopping(classifier: OnnxCla
     images = np.zeros((1, 28, 28, 1), dtype=np.float32)
 
     async def scenario() -> None:
+        metrics = ServiceMetrics().for_model(MODEL_NAME, "x")
         runner = MicroBatcher(classifier.predict, max_wait_s=0)
-        models = ModelSet([ServedModel(classifier, runner)], MODEL_NAME)
+        models = ModelSet([ServedModel(classifier, runner, metrics)], MODEL_NAME)
         await models.start()
         with models.lease():
             retiring = asyncio.create_task(models.stop(5.0))
@@ -237,7 +280,7 @@ def test_a_retiring_set_waits_for_its_leases_before_stopping(classifier: OnnxCla
 
         # A lease held past the timeout does not block the drain for ever.
         late = MicroBatcher(classifier.predict, max_wait_s=0)
-        stuck = ModelSet([ServedModel(classifier, late)], MODEL_NAME)
+        stuck = ModelSet([ServedModel(classifier, late, metrics)], MODEL_NAME)
         await stuck.start()
         with stuck.lease():
             started = time.monotonic()

@@ -27,7 +27,9 @@ DOCUMENTED_DEFAULTS = {
     "max_batch_items": 1024,
     "intra_op_threads": 1,
     "inter_op_threads": 1,
-    "workers": 1,
+    "workers": 0,
+    "max_queue_wait_ms": 500.0,
+    "max_queue_images": 4096,
 }
 
 
@@ -77,7 +79,9 @@ def test_empty_api_key_means_no_key(monkeypatch: pytest.MonkeyPatch) -> None:
         ("model_name", "../../etc/passwd"),
         ("model_name", "a/b"),
         ("log_level", "verbose"),
-        ("workers", 0),
+        ("workers", -1),
+        ("max_queue_wait_ms", 0),
+        ("max_header_bytes", 10),
         ("intra_op_threads", -1),
     ],
 )

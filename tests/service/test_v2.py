@@ -87,10 +87,13 @@ def test_health_metadata_config_and_index(triton_client: triton.InferenceServerC
         "outputs": [
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
             {"name": "digit", "datatype": "INT64", "shape": [-1]},
+            {"name": "verdict", "datatype": "BYTES", "shape": [-1]},
         ],
     }
     assert client.get_model_metadata(MODEL_NAME, "7.0.0") == metadata
     config = client.get_model_config(MODEL_NAME, committed)
+    assert [o["name"] for o in config["output"]] == ["probabilities", "digit", "verdict"]
+    assert config["output"][2]["data_type"] == "TYPE_STRING"
     assert config["parameters"]["version"]["string_value"] == committed
     assert config["input"][0]["dims"] == [28, 28, 1] and config["max_batch_size"] >= 1
     assert client.get_model_repository_index() == [
@@ -116,6 +119,8 @@ def test_infers_real_digits_with_binary_and_json_tensors(
     digits = result.as_numpy("digit")
     assert digits.dtype == np.int64 and digits.shape == (DIGITS,)
     assert accuracy(digits, y[:DIGITS]) >= floor
+    verdicts = result.as_numpy("verdict")  # BYTES, decoded by the client from Triton's length-prefixed form
+    assert verdicts.shape == (DIGITS,) and {v.decode() for v in verdicts} <= {"digit", "unsure", "not_a_digit"}
     np.testing.assert_allclose(result.as_numpy("probabilities"), expected, atol=1e-6)
 
     # JSON both ways, one named output.
@@ -206,7 +211,8 @@ def test_json_tensors_flat_or_nested(client: TestClient, mnist_test: tuple, clas
         assert response.headers["content-type"] == "application/json"
         answer = response.json()
         assert answer["id"] == body["id"] and answer["model_name"] == MODEL_NAME
-        probabilities, digit = answer["outputs"]
+        probabilities, digit, verdict = answer["outputs"]
+        assert verdict["datatype"] == "BYTES" and verdict["shape"] == [3] and len(verdict["data"]) == 3
         assert probabilities == {**probabilities, "name": "probabilities", "datatype": "FP32", "shape": [3, 10]}
         np.testing.assert_allclose(np.array(probabilities["data"]).reshape(3, 10), expected, atol=1e-6)
         assert digit == {"name": "digit", "datatype": "INT64", "shape": [3], "data": expected.argmax(1).tolist()}
