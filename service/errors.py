@@ -1,8 +1,15 @@
 """Typed domain errors and the one place that turns them (and framework errors) into HTTP answers.
 
-Every error the service sends has the body ``{"error": {"code": str, "message": str, ...}}``; bad input is
-never a 500. Handlers are registered once, by :func:`register_error_handlers`. The Open Inference Protocol
-endpoints under ``/v2`` answer the same errors in that protocol's shape, ``{"error": str}``, with 400 for bad input.
+Every error the service sends has the body ``{"error": {"code": str, "message": str, ..., "request_id": str}}``;
+bad input is never a 500. Handlers are registered once, by :func:`register_error_handlers`. The Open Inference
+Protocol endpoints under ``/v2`` answer the same errors in that protocol's shape, ``{"error": str}``, with 400 for
+bad input (their request id is in the ``X-Request-ID`` header only).
+
+Every /v1 error body is built by :func:`error_body`, wherever the error is answered (these handlers, the
+middlewares' early answers, the /v1 fast path), so that each carries the request's id the same way:
+
+    body = error_body(InvalidInput("items[3]: not 28×28"), scope)   # {"error": {"code", "message", "request_id"}}
+    body = error_body(ServiceError("too large", code="payload_too_large"), scope)
 """
 
 from __future__ import annotations
@@ -17,6 +24,9 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+
+from service.requestid import HEADER as REQUEST_ID_HEADER
+from service.requestid import request_id
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +60,9 @@ class ServiceError(Exception):
         self.message = f"items[{index}]: {self.message}"
         return self
 
-    def body(self) -> dict[str, Any]:
-        error: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.index is not None:
-            error["index"] = self.index
-        if self.details:
-            error["details"] = self.details
-        return {"error": error}
+    def body(self, scope: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """This error's /v1 body (see :func:`error_body`)."""
+        return error_body(self, scope)
 
 
 class InvalidInput(ServiceError):
@@ -180,8 +186,25 @@ def validation_error(errors: Sequence[Mapping[str, Any]]) -> InvalidInput:
     return InvalidInput(f"{first['loc']}: {first['msg']}{more}", index=index, details=details[:MAX_DETAILS])
 
 
-def error_response(error: ServiceError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers or None)
+def error_body(error: ServiceError, scope: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``{"error": {"code", "message", ["index", "details",] "request_id"}}``: the one /v1 error body.
+
+    ``scope`` is the request's ASGI scope; without one, the id of the request this task serves (none outside a
+    request: the key is left out).
+    """
+    fields: dict[str, Any] = {"code": error.code, "message": error.message}
+    if error.index is not None:
+        fields["index"] = error.index
+    if error.details:
+        fields["details"] = error.details
+    rid = request_id(scope)
+    if rid is not None:
+        fields["request_id"] = rid
+    return {"error": fields}
+
+
+def error_response(error: ServiceError, scope: Mapping[str, Any] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(error, scope), status_code=error.status_code, headers=error.headers or None)
 
 
 def is_protocol_path(path: str) -> bool:
@@ -201,7 +224,7 @@ def protocol_error_response(status: int, message: str, headers: Mapping[str, str
 def _answer(request: Request, error: ServiceError) -> JSONResponse:
     if is_protocol_path(request.url.path):
         return protocol_error_response(error.status_code, error.message, error.headers)
-    return error_response(error)
+    return error_response(error, request.scope)
 
 
 _HTTP_CODES = {
@@ -238,7 +261,7 @@ async def _http_exception(request: Request, exc: Exception) -> JSONResponse:
     if is_protocol_path(request.url.path):
         return protocol_error_response(exc.status_code, str(exc.detail), exc.headers)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
-    body = {"error": {"code": code, "message": str(exc.detail)}}
+    body = error_body(ServiceError(str(exc.detail), code=code), request.scope)
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
@@ -254,11 +277,15 @@ async def _client_gone(_: Request, exc: Exception) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error", exc_info=exc)
+    # Starlette answers these outside every middleware (the request log's included): the id comes from the scope,
+    # and the header is set here.
+    rid = request_id(request.scope)
+    log.exception("unhandled error", exc_info=exc, extra={"request_id": rid})
+    headers = {REQUEST_ID_HEADER: rid} if rid is not None else None
     if is_protocol_path(request.url.path):
-        return protocol_error_response(500, "internal server error")
-    body = {"error": {"code": "internal_error", "message": "internal server error"}}
-    return JSONResponse(body, status_code=500)
+        return protocol_error_response(500, "internal server error", headers)
+    body = error_body(ServiceError("internal server error"), request.scope)
+    return JSONResponse(body, status_code=500, headers=headers)
 
 
 def register_error_handlers(app: FastAPI) -> None:

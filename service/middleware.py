@@ -1,4 +1,5 @@
-"""Two small ASGI middlewares: the request-body size cap and per-request metrics.
+"""Two small ASGI middlewares: the request-body size cap and per-request metrics (the request log and its id are
+:mod:`service.logs`).
 
 Pure ASGI (not BaseHTTPMiddleware) so that neither buffers bodies nor breaks streaming and cancellation.
 """
@@ -12,7 +13,7 @@ from collections.abc import Collection
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import is_protocol_path
+from service.errors import ServiceError, error_body, is_protocol_path
 from service.metrics import ServiceMetrics
 
 
@@ -37,10 +38,10 @@ class BodySizeLimit:
         declared = _content_length(scope)
         protocol = is_protocol_path(str(scope.get("path", "")))
         if declared is not None and declared > self.max_body_bytes:
-            await _send_error(send, 413, "payload_too_large", BodyTooLarge(self.max_body_bytes).detail, protocol)
+            await _send_error(scope, send, 413, "payload_too_large", BodyTooLarge(self.max_body_bytes).detail, protocol)
             return
         if declared == -1:
-            await _send_error(send, 400, "bad_request", "the Content-Length header is not a number", protocol)
+            await _send_error(scope, send, 400, "bad_request", "the Content-Length header is not a number", protocol)
             return
         received = 0
         limit = self.max_body_bytes
@@ -67,10 +68,10 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _send_error(send: Send, status: int, code: str, message: str, protocol: bool = False) -> None:
+async def _send_error(scope: Scope, send: Send, status: int, code: str, message: str, protocol: bool = False) -> None:
     # /v2 speaks the Open Inference Protocol, whose error body is {"error": "message"}.
-    error: object = message if protocol else {"code": code, "message": message}
-    body = json.dumps({"error": error}).encode()
+    document = {"error": message} if protocol else error_body(ServiceError(message, code=code), scope)
+    body = json.dumps(document).encode()
     await send(
         {
             "type": "http.response.start",
@@ -109,15 +110,17 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, observed_send)
         finally:
-            self.metrics.observe_request(
-                self._route(scope), str(scope.get("method", "")), status, time.perf_counter() - start
-            )
+            route = route_template(scope, self.known_paths)
+            self.metrics.observe_request(route, str(scope.get("method", "")), status, time.perf_counter() - start)
 
-    def _route(self, scope: Scope) -> str:
-        route = scope.get("route")
-        path = getattr(route, "path", None)
-        if isinstance(path, str):
-            return path or "/"
-        raw = str(scope.get("path", ""))
-        # Requests answered before routing (e.g. an early 413) still name their endpoint when it is one of ours.
-        return raw if raw in self.known_paths else "unmatched"
+
+def route_template(scope: Scope, known_paths: Collection[str]) -> str:
+    """The route that answered (``/v2/models/{name}/infer``), never the raw path: metric labels and log fields
+    stay bounded. Requests answered before routing (e.g. an early 413) still name their endpoint when it is one of
+    ours (``known_paths``); anything else is ``unmatched``."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    if isinstance(path, str):
+        return path or "/"
+    raw = str(scope.get("path", ""))
+    return raw if raw in known_paths else "unmatched"
