@@ -13,7 +13,7 @@ TYPED_PATHS := service training bench scripts
 HOST   := $(or $(MNIST_SERVE_HOST),127.0.0.1)
 PORT   := $(or $(MNIST_SERVE_PORT),8000)
 
-.PHONY: help run test test-slow test-containers train train-seed quantize smoke lint example lock bench clean
+.PHONY: help run test test-slow test-containers train train-seed quantize smoke lint example lock proto bench clean
 .DEFAULT_GOAL := help
 
 ## help: list the targets, one line each (this list)
@@ -102,6 +102,10 @@ example: $(VENV)/.dev
 ## lock: regenerate the locks (constraints.txt, constraints-checkov.txt) after a dependency change
 lock: | $(BIN)/python
 	$(BIN)/python scripts/lock.py --checkov $(CHECKOV_VERSION)
+
+## proto: regenerate service/grpc_gen (the gRPC service's Python, committed) from the protos in service/proto
+proto: $(VENV)/.dev
+	$(BIN)/python scripts/gen_proto.py
 
 ## bench: the latency/throughput table against the in-process limit (README: Performance)
 # Load comes from wrk, which it installs from Debian when it can (root with apt-get), else from bench/loadgen.py.
