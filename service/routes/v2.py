@@ -10,7 +10,8 @@
 
 Errors are the protocol's ``{"error": "message"}``: 400 bad request, 401 missing API key (inference only, when
 one is configured), 404 unknown model or version, 413 too large, 503 not ready or overloaded (see
-``service.errors``). The tensors are described in ``service.protocol``; tritonclient works with its defaults.
+``service.errors``). The tensors are described in ``service.protocol``; tritonclient works with its defaults. The same
+protocol over gRPC is :mod:`service.grpc_server`; both call the checks of ``service.protocol`` and the data plane.
 """
 
 from __future__ import annotations
@@ -23,12 +24,11 @@ from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
+from service import protocol
 from service.body import read_body
-from service.core import DataPlane, ServiceState, request_info
+from service.core import DataPlane, request_info
 from service.deps import PlaneDep, StateDep, require_api_key
-from service.model import IMAGE_SHAPE
-from service.protocol import HEADER_LENGTH, INPUT_DATATYPE, OUTPUTS, encode_infer_response, parse_infer_request
-from service.repository import ModelSet, ServedModel
+from service.protocol import HEADER_LENGTH, OFF_LOOP_BYTES, encode_infer_response, parse_infer_request
 
 
 class ProtocolError(BaseModel):
@@ -53,12 +53,6 @@ router = APIRouter(
     prefix="/v2", tags=["open inference protocol (v2)"], responses=_protocol_errors(400, 401, 404, 413, 415, 503)
 )
 
-SERVER_NAME = "mnist-serve"
-EXTENSIONS = ["binary_tensor_data", "model_configuration"]
-PLATFORM = "onnxruntime_onnx"
-#: Bodies at least this large are decoded in a worker thread, not on the event loop.
-OFF_LOOP_BYTES = 64 * 1024
-
 NamePath = Annotated[str, Path(description="Model name, as its card says (GET /v1/models lists them).")]
 VersionPath = Annotated[str, Path(description="Model version, as its card says.")]
 
@@ -67,49 +61,9 @@ def _empty(status: int) -> Response:
     return Response(status_code=status)
 
 
-def _metadata(models: ModelSet, served: ServedModel) -> dict[str, Any]:
-    classifier = served.classifier
-    return {
-        "name": served.name,
-        "versions": models.versions(served.name),
-        "platform": PLATFORM,
-        "inputs": [{"name": classifier.input.name, "datatype": INPUT_DATATYPE, "shape": [-1, *IMAGE_SHAPE]}],
-        "outputs": [{"name": name, "datatype": dtype, "shape": shape} for name, (dtype, shape) in OUTPUTS.items()],
-    }
-
-
-def _config(state: ServiceState, served: ServedModel) -> dict[str, Any]:
-    settings = state.settings
-    classifier = served.classifier
-    config: dict[str, Any] = {
-        "name": served.name,
-        "platform": PLATFORM,
-        "backend": "onnxruntime",
-        "max_batch_size": settings.max_batch_items,
-        "input": [
-            {"name": classifier.input.name, "data_type": "TYPE_FP32", "format": "FORMAT_NHWC", "dims": [28, 28, 1]}
-        ],
-        "output": [
-            {"name": "probabilities", "data_type": "TYPE_FP32", "dims": [10]},
-            {"name": "digit", "data_type": "TYPE_INT64", "dims": [1], "reshape": {"shape": []}},
-            {"name": "verdict", "data_type": "TYPE_STRING", "dims": [1], "reshape": {"shape": []}},
-        ],
-        "parameters": {
-            "version": {"string_value": served.version},
-            "sha256": {"string_value": classifier.sha256},
-        },
-    }
-    if settings.batching:
-        config["dynamic_batching"] = {
-            "preferred_batch_size": [settings.max_batch_size],
-            "max_queue_delay_microseconds": round(settings.max_wait_ms * 1000),
-        }
-    return config
-
-
 @router.get("", summary="Server metadata")
 async def server_metadata(request: Request) -> dict[str, Any]:
-    return {"name": SERVER_NAME, "version": request.app.version, "extensions": EXTENSIONS}
+    return protocol.server_metadata(request.app.version)
 
 
 @router.get("/health/live", summary="Server live", response_class=Response)
@@ -145,33 +99,29 @@ async def model_version_ready(state: StateDep, name: NamePath, version: VersionP
 @router.get("/models/{name}", summary="Model metadata")
 async def model_metadata(state: StateDep, name: NamePath) -> dict[str, Any]:
     models = state.ready_models()
-    return _metadata(models, models.resolve(name, None))
+    return protocol.model_metadata(models, models.resolve(name, None))
 
 
 @router.get("/models/{name}/versions/{version}", summary="Model version metadata")
 async def model_version_metadata(state: StateDep, name: NamePath, version: VersionPath) -> dict[str, Any]:
     models = state.ready_models()
-    return _metadata(models, models.resolve(name, version))
+    return protocol.model_metadata(models, models.resolve(name, version))
 
 
 @router.get("/models/{name}/config", summary="Model configuration (Triton extension)")
 async def model_config(state: StateDep, name: NamePath) -> dict[str, Any]:
-    return _config(state, state.ready_models().resolve(name, None))
+    return protocol.model_config(state, state.ready_models().resolve(name, None))
 
 
 @router.get("/models/{name}/versions/{version}/config", summary="Model version configuration (Triton extension)")
 async def model_version_config(state: StateDep, name: NamePath, version: VersionPath) -> dict[str, Any]:
-    return _config(state, state.ready_models().resolve(name, version))
+    return protocol.model_config(state, state.ready_models().resolve(name, version))
 
 
 @router.post("/repository/index", summary="Repository index (Triton extension)")
 async def repository_index(state: StateDep) -> list[dict[str, str]]:
     """Every model version served, each READY (the repository is loaded whole or not at all)."""
-    models = state.models
-    if models is None:
-        return []
-    state_name = "READY" if state.ready else "UNAVAILABLE"
-    return [{"name": m.name, "version": m.version, "state": state_name, "reason": ""} for m in models]
+    return protocol.repository_index(state)
 
 
 async def _infer(request: Request, plane: DataPlane, name: str, version: str | None) -> Response:
