@@ -42,6 +42,7 @@ from service.core import DataPlane, ServiceState
 from service.deps import StateDep
 from service.docs import install_docs
 from service.errors import register_error_handlers
+from service.grpc_server import GrpcServer
 from service.memory import tune_malloc
 from service.metrics import ModelMetrics, ServiceMetrics
 from service.middleware import BodySizeLimit, RequestMetrics
@@ -133,10 +134,20 @@ def _reload_on_sighup(repository: ModelRepository) -> Iterator[None]:
             loop.remove_signal_handler(signal.SIGHUP)
 
 
+async def _start_grpc(app: FastAPI) -> GrpcServer | None:
+    """The Open Inference Protocol over gRPC on MNIST_SERVE_GRPC_PORT (0: off), in this event loop."""
+    state: ServiceState = app.state.service
+    server = await GrpcServer.start(app.state.plane, version=app.version) if state.settings.grpc_port else None
+    app.state.grpc = server
+    return server
+
+
 def _lifespan(classifier: OnnxClassifier | None) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state: ServiceState = app.state.service
+        # gRPC first: it answers liveness while the models load, and nothing else has started if it cannot listen.
+        grpc_server = await _start_grpc(app)
         # An injected, already-warm classifier is ready before the first request; loading from disk happens in
         # the background so that liveness answers while the models load.
         if classifier is not None and classifier.warmed_up:
@@ -148,6 +159,8 @@ def _lifespan(classifier: OnnxClassifier | None) -> Callable[[FastAPI], contextl
             with _reload_on_sighup(state.repository):
                 yield
         finally:
+            if grpc_server is not None:  # refuse new RPCs; those running finish while the batchers still run
+                await grpc_server.stop(state.settings.shutdown_timeout_s)
             state.stopping = True
             if loading is not None and not loading.done():
                 loading.cancel()

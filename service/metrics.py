@@ -110,7 +110,7 @@ class ServiceMetrics:
         r = self.registry
         self.requests = Counter(
             f"{PREFIX}_requests_total",
-            "HTTP requests answered, by route template, method and status code.",
+            "Requests answered, by route template (gRPC: the RPC's full name), method (gRPC: GRPC) and status code.",
             ("route", "method", "status"),
             registry=r,
         )
@@ -232,7 +232,8 @@ class ServiceMetrics:
         self.models_served.set(len(served))
         self.model_problems.set(problems)
 
-    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+    def observe_request(self, route: str, method: str, status: int | str, seconds: float) -> None:
+        """One answered request: an HTTP status code, or a gRPC status code's name (method ``GRPC``)."""
         self.requests.labels(route=route, method=method, status=str(status)).inc()
         self.request_duration.labels(route=route, method=method).observe(seconds)
 

@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
     """TCP port to listen on."""
 
+    grpc_port: int = Field(default=8081, ge=0, le=65535)
+    """TCP port of the Open Inference Protocol over gRPC (on host, shared by every worker); 0 turns gRPC off."""
+
+    grpc_max_concurrent_rpcs: int = Field(default=256, ge=1, le=100_000)
+    """RPCs one worker runs at once over gRPC; past it new RPCs get RESOURCE_EXHAUSTED at once."""
+
     log_level: LogLevel = "info"
     """Log level for the service and uvicorn."""
 

@@ -3,7 +3,8 @@
 - ``classifier``: the committed ONNX model, loaded once per session.
 - ``model_card``: models/mnist-cnn.json as a dict (never hard-code accuracy: read it from here).
 - ``make_client(**settings)``: a started TestClient (lifespan run) on a fresh app; ``client``: the default one.
-- ``live_server(env=..., cwd=...)``: uvicorn in a subprocess on a free port, ready to serve; stopped at teardown.
+- ``live_server(env=..., cwd=...)``: uvicorn in a subprocess on a free port (and gRPC on another), ready to serve;
+  stopped at teardown.
 - ``mnist_test`` (from tests/conftest.py): the real MNIST test images and labels.
 """
 
@@ -62,7 +63,8 @@ def classifier() -> OnnxClassifier:
 
 def make_settings(**overrides: Any) -> Settings:
     """Settings for tests: the committed model by absolute path, no web page unless asked for."""
-    values: dict[str, Any] = {"model_dir": MODEL_DIR, "model_name": MODEL_NAME, "access_log": False}
+    # No gRPC server in the test process unless a test asks for one (a port of its own, then).
+    values: dict[str, Any] = {"model_dir": MODEL_DIR, "model_name": MODEL_NAME, "access_log": False, "grpc_port": 0}
     values.update(overrides)
     return Settings(**values)
 
@@ -115,6 +117,15 @@ class LiveServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def grpc_port(self) -> int:
+        """Where its gRPC server listens (0: off)."""
+        return int(self.env.get("MNIST_SERVE_GRPC_PORT", "0"))
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
@@ -139,8 +150,8 @@ class LiveServer:
 
 
 def spawn_server(log_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> LiveServer:
-    """Start ``python -m service`` on a free port (the caller's MNIST_SERVE_* variables removed, ``env`` added),
-    its output in ``log_path``; not yet waited for."""
+    """Start ``python -m service`` on a free port, gRPC on another (the caller's MNIST_SERVE_* variables removed,
+    ``env`` added), its output in ``log_path``; not yet waited for."""
     port = free_port()
     server_env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST_SERVE_")}
     server_env.update(
@@ -148,6 +159,8 @@ def spawn_server(log_path: Path, env: dict[str, str] | None = None, cwd: Path | 
             "PYTHONPATH": str(ROOT),
             "PYTHONUNBUFFERED": "1",
             "MNIST_SERVE_PORT": str(port),
+            # Never the shared default (8081): servers of parallel tests would share it through SO_REUSEPORT.
+            "MNIST_SERVE_GRPC_PORT": str(free_port()),
             "MNIST_SERVE_ACCESS_LOG": "false",
         }
     )
