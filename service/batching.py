@@ -21,6 +21,10 @@ more threads), so one large request uses every core while micro-batches of singl
 
 With batching disabled, :class:`UnbatchedRunner` runs each request on its own, still off the event loop and
 with the same admission, so the two modes can be compared like for like.
+
+Tracing (:mod:`service.tracing`, off unless configured): each request traced gets a ``queue`` span (admitted to
+its run starting) and a ``run`` span (its batch's onnxruntime run, with the batch's images and requests) under
+the span that was current when it was admitted (the data plane's ``infer``).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from service.admission import QueueBudget, usable_cpus
 from service.errors import ModelNotReady, Overloaded
 from service.metrics import ModelMetrics
 from service.model import FloatArray
+from service.tracing import NO_TRACING, Tracing
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +108,7 @@ class _Job:
     future: asyncio.Future[FloatArray]
     admitted: float = field(default_factory=time.perf_counter)
     started: bool = False
+    trace: object | None = None  # the trace context to record its queue and run spans under
 
 
 _STOP = object()
@@ -149,6 +155,7 @@ class MicroBatcher:
         queue_size: int = 1024,
         budget: QueueBudget | None = None,
         metrics: ModelMetrics | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         if max_batch_size < 1 or max_wait_s < 0:
             raise ValueError("max_batch_size must be >= 1 and max_wait_s >= 0")
@@ -158,6 +165,7 @@ class MicroBatcher:
         self._admission = _Admission(queue_size, budget, metrics)
         self._infer = _Timed(predict, predict_wide, max_run_images, self._admission.budget, metrics)
         self._metrics = metrics
+        self._tracing = tracing
         self._queue: asyncio.Queue[_Job | object] | None = None
         self._carry: _Job | None = None
         self._inflight: list[_Job] = []
@@ -195,7 +203,7 @@ class MicroBatcher:
         if not self._accepting or self._queue is None:
             raise ModelNotReady("the service is not accepting inference requests (starting or shutting down)")
         self._admission.admit(len(images), self.queue_depth)
-        job = _Job(images, asyncio.get_running_loop().create_future())
+        job = _Job(images, asyncio.get_running_loop().create_future(), trace=self._tracing.capture())
         self._queue.put_nowait(job)
         self._admission.report(self.queue_depth)
         try:
@@ -295,18 +303,29 @@ class MicroBatcher:
             probs = await loop.run_in_executor(self._executor, self._infer, images, wide)
         except Exception as exc:
             log.exception("inference failed for a batch of %d requests", len(live))
+            if self._tracing.enabled:
+                self._trace(live, now, time.perf_counter(), exc)
             for job in live:
                 if not job.future.done():
                     if self._metrics is not None:
                         self._metrics.failed.inc()
                     job.future.set_exception(exc)
             return
+        if self._tracing.enabled:
+            self._trace(live, now, time.perf_counter())
         offset = 0
         for job in live:
             n = len(job.images)
             if not job.future.done():
                 job.future.set_result(probs[offset : offset + n])
             offset += n
+
+    def _trace(self, jobs: list[_Job], start: float, end: float, error: BaseException | None = None) -> None:
+        batch = {"mnist.batch.images": sum(len(job.images) for job in jobs), "mnist.batch.requests": len(jobs)}
+        for job in jobs:
+            if job.trace is not None:
+                self._tracing.record("queue", job.trace, job.admitted, start)
+                self._tracing.record("run", job.trace, start, end, batch, error)
 
     def _fail_pending(self) -> None:
         pending = [*self._inflight, *([self._carry] if self._carry is not None else [])]
@@ -334,12 +353,14 @@ class UnbatchedRunner:
         threads: int | None = None,
         budget: QueueBudget | None = None,
         metrics: ModelMetrics | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self.threads = threads or usable_cpus()
         self.wide_from = wide_from
         self._admission = _Admission(queue_size, budget, metrics)
         self._infer = _Timed(predict, predict_wide, max_run_images, self._admission.budget, metrics)
         self._metrics = metrics
+        self._tracing = tracing
         self._executor: ThreadPoolExecutor | None = None
         self._in_flight: set[asyncio.Future[FloatArray]] = set()
         self._accepting = False
@@ -357,22 +378,37 @@ class UnbatchedRunner:
         self._executor = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="mnist-infer")
         self._accepting = True
 
-    def _job(self, images: FloatArray, admitted: float, loop: asyncio.AbstractEventLoop) -> FloatArray:
+    def _job(
+        self, images: FloatArray, admitted: float, loop: asyncio.AbstractEventLoop, trace: object | None = None
+    ) -> FloatArray:
         # Runs in the pool. After a drain that timed out, queued jobs answer 503 instead of being cancelled (a
         # cancelled future would end the request without an answer).
         loop.call_soon_threadsafe(self._admission.budget.started, len(images))
         if self._abandoned:
             raise ModelNotReady("the service shut down before this request ran")
+        start = time.perf_counter()
         if self._metrics is not None:
-            self._metrics.queue_seconds.observe(time.perf_counter() - admitted)
-        return self._infer(images, len(images) >= self.wide_from)
+            self._metrics.queue_seconds.observe(start - admitted)
+        if trace is None:
+            return self._infer(images, len(images) >= self.wide_from)
+        self._tracing.record("queue", trace, admitted, start)
+        batch = {"mnist.batch.images": len(images), "mnist.batch.requests": 1}
+        try:
+            rows = self._infer(images, len(images) >= self.wide_from)
+        except Exception as exc:
+            self._tracing.record("run", trace, start, time.perf_counter(), batch, exc)
+            raise
+        self._tracing.record("run", trace, start, time.perf_counter(), batch)
+        return rows
 
     async def predict(self, images: FloatArray) -> FloatArray:
         if not self._accepting:
             raise ModelNotReady("the service is not accepting inference requests (starting or shutting down)")
         self._admission.admit(len(images), len(self._in_flight))
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, self._job, images, time.perf_counter(), loop)
+        future = loop.run_in_executor(
+            self._executor, self._job, images, time.perf_counter(), loop, self._tracing.capture()
+        )
         self._in_flight.add(future)
         self._admission.report(len(self._in_flight))
         try:

@@ -26,6 +26,7 @@ from service.metrics import VERDICTS, ServiceMetrics
 from service.model import NUM_CLASSES, FloatArray, OnnxClassifier, VerdictRule
 from service.repository import ModelRepository, ModelSet, ServedModel
 from service.settings import Settings
+from service.tracing import NO_TRACING, Attributes, Tracing
 
 IntArray = npt.NDArray[np.int64]
 
@@ -120,10 +121,15 @@ def judge(rows: FloatArray, rule: VerdictRule) -> tuple[IntArray, FloatArray, li
 
 
 class DataPlane:
-    """Resolve a model, run images through its runner under a lease, answer with verdicts and metrics."""
+    """Resolve a model, run images through its runner under a lease, answer with verdicts and metrics.
 
-    def __init__(self, state: ServiceState) -> None:
+    ``tracing`` (:mod:`service.tracing`) gets an ``infer`` span per call with ``answer`` under it (the batcher adds
+    ``queue`` and ``run``); front doors open their ``decode`` span with ``plane.tracing.span("decode")``.
+    """
+
+    def __init__(self, state: ServiceState, *, tracing: Tracing = NO_TRACING) -> None:
         self.state = state
+        self.tracing = tracing
 
     @property
     def settings(self) -> Settings:
@@ -145,10 +151,20 @@ class DataPlane:
         served = models.resolve(model, version)
         if info is not None:
             info.model, info.version, info.images = served.name, served.version, len(images)
-        with models.lease():
-            rows = await served.runner.predict(images[..., np.newaxis])
-        classifier = served.classifier
-        digits, confidence, verdicts = judge(rows, classifier.verdict)
+        traced: Attributes = {
+            "mnist.model": served.name,
+            "mnist.version": served.version,
+            "mnist.images": len(images),
+        }
+        with self.tracing.span("infer", traced):
+            with models.lease():
+                rows = await served.runner.predict(images[..., np.newaxis])
+            with self.tracing.span("answer"):
+                return self._answer(served, rows)
+
+    @staticmethod
+    def _answer(served: ServedModel, rows: FloatArray) -> Answer:
+        digits, confidence, verdicts = judge(rows, served.classifier.verdict)
         served.metrics.observe_answers(digits, confidence, verdicts)
         return Answer(
             name=served.name,

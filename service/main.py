@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import copy
 import glob
 import importlib.metadata
 import logging
@@ -43,6 +42,7 @@ from service.deps import StateDep
 from service.docs import install_docs
 from service.errors import register_error_handlers
 from service.grpc_server import GrpcServer
+from service.logs import RequestLog, log_config
 from service.memory import tune_malloc
 from service.metrics import ModelMetrics, ServiceMetrics
 from service.middleware import BodySizeLimit, RequestMetrics
@@ -58,6 +58,8 @@ from service.repository import ModelLoader, ModelRepository
 from service.routes import admin, health, predict, v2
 from service.schemas import BatchRequest, PredictRequest
 from service.settings import Settings, describe_settings
+from service.tracing import NO_TRACING, Tracing
+from service.tracing import from_settings as tracing_from_settings
 
 log = logging.getLogger("service")
 
@@ -72,7 +74,9 @@ def default_loader(settings: Settings) -> LoadedModels:
     )
 
 
-def make_runner(settings: Settings, classifier: OnnxClassifier, metrics: ModelMetrics) -> InferenceRunner:
+def make_runner(
+    settings: Settings, classifier: OnnxClassifier, metrics: ModelMetrics, tracing: Tracing = NO_TRACING
+) -> InferenceRunner:
     """The micro-batcher, or the one-request-per-run runner when batching is off, admitting by cost."""
     budget = QueueBudget(max_images=settings.max_queue_images, max_wait_s=settings.max_queue_wait_ms / 1000.0)
 
@@ -86,6 +90,7 @@ def make_runner(settings: Settings, classifier: OnnxClassifier, metrics: ModelMe
         "queue_size": settings.queue_size,
         "budget": budget,
         "metrics": metrics,
+        "tracing": tracing,
     }
     if settings.batching:
         return MicroBatcher(
@@ -167,6 +172,7 @@ def _lifespan(classifier: OnnxClassifier | None) -> Callable[[FastAPI], contextl
                 with contextlib.suppress(asyncio.CancelledError):
                     await loading
             await state.repository.stop(state.settings.shutdown_timeout_s)
+            await asyncio.to_thread(app.state.tracing.shutdown)  # sends the spans still buffered
             if state.models is not None:
                 log.info("drained the inference queue")
 
@@ -196,14 +202,17 @@ def create_app(
     *,
     loader: ModelLoader = default_loader,
     metrics: ServiceMetrics | None = None,
+    tracing: Tracing | None = None,
 ) -> FastAPI:
     """The service as an ASGI app.
 
     ``classifier``: serve this (already loaded) model instead of loading the repository with ``loader`` at
-    startup; reloads always use ``loader`` (by default: every model in ``settings.model_dir``).
+    startup; reloads always use ``loader`` (by default: every model in ``settings.model_dir``). ``tracing``: spans
+    go there (default: from the settings, off unless ``otlp_endpoint`` is set; see ``service.tracing``).
     """
     settings = settings if settings is not None else Settings()
     metrics = metrics if metrics is not None else ServiceMetrics()
+    tracing = tracing if tracing is not None else tracing_from_settings(settings)
     app = FastAPI(
         title="mnist-serve",
         version=_version(),
@@ -215,15 +224,20 @@ def create_app(
         # Swagger UI and ReDoc from local files, not a CDN: install_docs below.
         docs_url=None,
         redoc_url=None,
+        # FastAPI's own OpenTelemetry (0.165 on) stays off: the service traces through service.tracing (so a global
+        # provider set by an agent never doubles the server spans), and its per-request check for a configured
+        # provider costs about 7 µs.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
 
     def runner_for(model: OnnxClassifier, model_metrics: ModelMetrics) -> InferenceRunner:
-        return make_runner(settings, model, model_metrics)
+        return make_runner(settings, model, model_metrics, tracing)
 
     repository = ModelRepository(settings, metrics, loader, runner_for)
     state = ServiceState(settings=settings, metrics=metrics, repository=repository)
     app.state.service = state
-    app.state.plane = DataPlane(state)
+    app.state.plane = DataPlane(state, tracing=tracing)
+    app.state.tracing = tracing
     register_error_handlers(app)
     app.include_router(health.router)
     app.include_router(predict.router)
@@ -250,6 +264,9 @@ def create_app(
     # Last added runs first: the metrics see every answer, including the body limit's early 413s.
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics, known_paths=known_paths)
+    # Outside every middleware that answers: each answer carries the request id and is logged (service.logs).
+    app.add_middleware(RequestLog, known_paths=known_paths, enabled=settings.access_log, probes=settings.log_probes)
+    tracing.install(app, known_paths)  # outermost: the server span covers everything, the log line gets its id
     return app
 
 
@@ -261,14 +278,6 @@ def app_from_env() -> FastAPI:
     """
     tune_malloc()
     return create_app(Settings())
-
-
-def _log_config(level: str) -> dict[str, Any]:
-    import uvicorn.config
-
-    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    config["loggers"]["service"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
-    return config
 
 
 def _stop(signum: int, _frame: FrameType | None) -> None:
@@ -320,8 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=settings.port,
         workers=settings.workers,
         log_level=settings.log_level,
-        log_config=_log_config(level),
-        access_log=settings.access_log,
+        log_config=log_config(level, settings.log_format),
+        access_log=False,  # the request log (service.logs) replaces uvicorn's
         timeout_graceful_shutdown=int(max(1, round(settings.shutdown_timeout_s))),
         server_header=False,
     )

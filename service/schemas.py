@@ -192,6 +192,8 @@ class ErrorDetail(BaseModel):
     index: int | None = None
     """For batch requests: the item at fault."""
     details: list[dict[str, Any]] | None = None
+    request_id: str | None = Field(default=None, examples=["4bf92f3577b34da6a3ce929d0e0e4736"])
+    """The request's id, as in its X-Request-ID response header and its log line."""
 
 
 class ErrorBody(BaseModel):

@@ -21,6 +21,7 @@ ENV_PREFIX = "MNIST_SERVE_"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
+LogFormat = Literal["json", "text"]
 
 #: Shortest accepted API key: anything shorter is guessable.
 MIN_API_KEY_LENGTH = 16
@@ -62,7 +63,22 @@ class Settings(BaseSettings):
     """Log level for the service and uvicorn."""
 
     access_log: bool = True
-    """Log one line per request (uvicorn's access log)."""
+    """Log one structured line per request (the request log, service.logs; uvicorn's own access log is off)."""
+
+    log_format: LogFormat = "json"
+    """Log lines as json (one object per line: the product) or text (readable lines, for development)."""
+
+    log_probes: bool = False
+    """Also log the probes' requests (/healthz, /readyz, /metrics, /v2/health/*), left out by default."""
+
+    otlp_endpoint: str | None = Field(default=None, pattern=r"^https?://[^\s]+$")
+    """Send traces over OTLP/HTTP to this URL (e.g. http://collector:4318); unset: no tracing (needs the otel extra)."""
+
+    otel_service_name: str = Field(default="mnist-serve", min_length=1, max_length=128)
+    """The service.name of the traces sent to otlp_endpoint."""
+
+    trace_sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    """Share of requests traced when the caller sent no sampled traceparent (a caller's decision is followed)."""
 
     api_key: SecretStr | None = None
     """When set (16+ characters), inference and admin calls require it in X-API-Key or Authorization: Bearer."""
@@ -136,10 +152,10 @@ class Settings(BaseSettings):
     web_dir: Path | None = None
     """Static web page served at / (default: service/web when it holds an index.html)."""
 
-    @field_validator("api_key", mode="before")
+    @field_validator("api_key", "otlp_endpoint", mode="before")
     @classmethod
     def _empty_key_is_unset(cls, value: object) -> object:
-        # An empty variable (e.g. `MNIST_SERVE_API_KEY=${KEY:-}` in compose) means "no key", not "the empty key".
+        # An empty variable (e.g. `MNIST_SERVE_API_KEY=${KEY:-}` in compose) means unset, not "the empty value".
         if isinstance(value, str) and not value.strip():
             return None
         return value

@@ -147,7 +147,8 @@ async def _answer(
 
     Returns the predictions in request order and the name and version of the model that made them.
     """
-    images, body_top_k, body_return_image = await _read_items(request, choice.settings, batch=batch)
+    with choice.plane.tracing.span("decode"):
+        images, body_top_k, body_return_image = await _read_items(request, choice.settings, batch=batch)
     top_k, return_image = _pick(body_top_k, top_k), _pick(body_return_image, return_image)
     answer = await choice.plane.infer(choice.model, choice.version, images, request_info(request.scope))
     ref = {"name": answer.name, "version": answer.version}

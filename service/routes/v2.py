@@ -127,16 +127,17 @@ async def repository_index(state: StateDep) -> list[dict[str, str]]:
 async def _infer(request: Request, plane: DataPlane, name: str, version: str | None) -> Response:
     served = plane.resolve(name, version)  # 404 / 503 before the body is read
     max_images = plane.settings.max_batch_items
-    body = await read_body(request, None)  # the JSON budget is checked on the header, once it is split off
-    parse = functools.partial(
-        parse_infer_request,
-        body,
-        request.headers.get(HEADER_LENGTH),
-        input_name=served.classifier.input.name,
-        max_images=max_images,
-    )
-    parsed = await asyncio.to_thread(parse) if len(body) >= OFF_LOOP_BYTES else parse()
-    del body
+    with plane.tracing.span("decode"):
+        body = await read_body(request, None)  # the JSON budget is checked on the header, once it is split off
+        parse = functools.partial(
+            parse_infer_request,
+            body,
+            request.headers.get(HEADER_LENGTH),
+            input_name=served.classifier.input.name,
+            max_images=max_images,
+        )
+        parsed = await asyncio.to_thread(parse) if len(body) >= OFF_LOOP_BYTES else parse()
+        del body
     answer = await plane.infer(name, version, parsed.images, request_info(request.scope))
     content, headers = encode_infer_response(answer, parsed.id, parsed.outputs)
     media_type = headers.pop("content-type")

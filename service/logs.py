@@ -1,0 +1,279 @@
+"""Structured logs: one line per request, and the service's own lines (and uvicorn's) in the same format.
+
+    app.add_middleware(RequestLog, known_paths=paths, enabled=settings.access_log, probes=settings.log_probes)
+    uvicorn.Config(..., log_config=log_config(settings.log_level, settings.log_format))   # or logging.config.dictConfig
+
+A request line, ``MNIST_SERVE_LOG_FORMAT=json`` (the default; one object per line, keys always in this order,
+``trace_id`` only when the request is traced, ``model``/``version`` null and ``images`` 0 when no model ran)::
+
+    {"time":"2025-05-01T12:00:00.123Z","level":"info","logger":"service.requests","message":"POST /v1/predict 200",
+     "request_id":"4bf92f3577b34da6a3ce929d0e0e4736","trace_id":"0af7651916cd43dd8448eb211c80319c","method":"POST",
+     "route":"/v1/predict","status":200,"latency_ms":1.234,"model":"mnist-cnn","version":"1.1.0","images":1,
+     "client":"10.0.0.7"}
+
+and ``MNIST_SERVE_LOG_FORMAT=text`` (for development)::
+
+    2025-05-01T12:00:00.123Z INFO    service.requests: POST /v1/predict 200 1.23 ms model=mnist-cnn version=1.1.0
+        images=1 client=10.0.0.7 request_id=4bf92f35… (one line)
+
+Every other line (startup, reloads, warnings, uvicorn's error log) has ``time``, ``level``, ``logger``,
+``message``, and ``request_id`` / ``trace_id`` when it is written while a request is served (``exception`` holds
+a traceback). ``route`` is the route's template (``/v2/models/{name}/infer``), never the raw path; the probes
+(:data:`PROBES`) are left out unless ``MNIST_SERVE_LOG_PROBES=true``; ``latency_ms`` runs from the request reaching
+the app to its last body byte handed to the server.
+
+:class:`RequestLog` is also what gives every request its id (:mod:`service.requestid`), logged or not: it reads or
+makes the id, echoes it in ``X-Request-ID``, and keeps it in the scope for error bodies. Other front doors (gRPC)
+write the same line with :func:`log_request`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgspec
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.core import REQUEST_INFO, RequestInfo
+from service.middleware import route_template
+from service.requestid import HEADER_KEY, bind, request_id, unbind
+from service.tracing import current_trace_id
+
+REQUEST_LOGGER: Final = "service.requests"
+#: Requests left out of the request log unless MNIST_SERVE_LOG_PROBES=true: liveness, readiness, scrapes.
+PROBES: Final = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
+INFO: Final = logging.INFO
+
+_json = msgspec.json.Encoder()
+
+
+def is_probe(path: str) -> bool:
+    return path in PROBES or path.startswith("/v2/health/")
+
+
+@dataclass(slots=True)
+class RequestLine:
+    """One request's log fields (see the module docstring)."""
+
+    request_id: str
+    method: str
+    route: str
+    status: int
+    latency_ms: float
+    model: str | None = None
+    version: str | None = None
+    images: int = 0
+    client: str | None = None
+    trace_id: str | None = None
+
+
+def log_request(line: RequestLine, logger: logging.Logger | None = None) -> None:
+    """Write one request's line (at info, on ``service.requests``); the caller has checked the logger is enabled.
+
+    The record is made directly, not through ``logger.info``: that would look up the caller's frame, a cost paid on
+    every request for a file and line number that are always this one.
+    """
+    logger = logger if logger is not None else logging.getLogger(REQUEST_LOGGER)
+    record = logging.LogRecord(
+        logger.name, INFO, __file__, 0, "%s %s %s", (line.method, line.route, line.status), None, "log_request"
+    )
+    record.__dict__["request"] = line
+    logger.handle(record)
+
+
+class RequestLog:
+    """Pure ASGI middleware: the request's id (read or made, echoed, kept in the scope) and its log line.
+
+    Register it outside every middleware that can answer (``add_middleware`` last, before tracing), so that their
+    answers carry the id and are logged.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        known_paths: Collection[str] = (),
+        enabled: bool = True,
+        probes: bool = False,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.app = app
+        self.known_paths = frozenset(known_paths)
+        self.enabled = enabled
+        self.probes = probes
+        self.logger = logger if logger is not None else logging.getLogger(REQUEST_LOGGER)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        rid, token = bind(scope)
+        echo = (HEADER_KEY, rid.encode("ascii"))
+        status = 500  # what the server answers when the app raises before it starts a response
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()), echo]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            try:
+                if (
+                    self.enabled
+                    and self.logger.isEnabledFor(INFO)
+                    and (self.probes or not is_probe(scope.get("path", "")))
+                ):
+                    self._log(scope, rid, status, time.perf_counter() - start)
+            finally:
+                unbind(token)
+
+    def _log(self, scope: Scope, rid: str, status: int, seconds: float) -> None:
+        method = scope.get("method", "")
+        line = RequestLine(rid, method, route_template(scope, self.known_paths), status, round(seconds * 1000, 3))
+        info = scope.get(REQUEST_INFO)
+        if isinstance(info, RequestInfo):
+            line.model, line.version, line.images = info.model, info.version, info.images
+        client = scope.get("client")
+        if client:
+            line.client = client[0]
+        line.trace_id = current_trace_id()
+        log_request(line, self.logger)
+
+
+# --- formatters ------------------------------------------------------------------------------------------------
+
+
+class _Clock:
+    """ISO 8601 UTC with milliseconds; the part down to the second is formatted once per second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def iso(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return f"{self._prefix}.{int((created - second) * 1000):03d}Z"
+
+
+def _context_ids(record: logging.LogRecord) -> tuple[str | None, str | None]:
+    """The request and trace ids of a line that is not a request line: given to it, else of the request served."""
+    rid = getattr(record, "request_id", None)
+    return (rid if isinstance(rid, str) else request_id()), current_trace_id()
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._clock = _Clock()
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "time": self._clock.iso(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        line = getattr(record, "request", None)
+        if isinstance(line, RequestLine):
+            doc["request_id"] = line.request_id
+            if line.trace_id is not None:
+                doc["trace_id"] = line.trace_id
+            doc["method"] = line.method
+            doc["route"] = line.route
+            doc["status"] = line.status
+            doc["latency_ms"] = line.latency_ms
+            doc["model"] = line.model
+            doc["version"] = line.version
+            doc["images"] = line.images
+            doc["client"] = line.client
+        else:
+            rid, trace_id = _context_ids(record)
+            if rid is not None:
+                doc["request_id"] = rid
+            if trace_id is not None:
+                doc["trace_id"] = trace_id
+        if record.exc_info:
+            if not record.exc_text:
+                record.exc_text = self.formatException(record.exc_info)
+            doc["exception"] = record.exc_text
+        elif record.exc_text:
+            doc["exception"] = record.exc_text
+        if record.stack_info:
+            doc["stack"] = self.formatStack(record.stack_info)
+        return _json.encode(doc).decode()
+
+
+class TextFormatter(logging.Formatter):
+    """``time LEVEL logger: message key=value ...``, one line (a traceback follows on its own lines)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._clock = _Clock()
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = f"{self._clock.iso(record.created)} {record.levelname:<7} {record.name}: {record.getMessage()}"
+        line = getattr(record, "request", None)
+        rid: str | None
+        if isinstance(line, RequestLine):
+            text += f" {line.latency_ms:.2f} ms"
+            if line.model is not None:
+                text += f" model={line.model} version={line.version} images={line.images}"
+            if line.client is not None:
+                text += f" client={line.client}"
+            rid, trace_id = line.request_id, line.trace_id
+        else:
+            rid, trace_id = _context_ids(record)
+        if rid is not None:
+            text += f" request_id={rid}"
+        if trace_id is not None:
+            text += f" trace_id={trace_id}"
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            text += "\n" + record.exc_text
+        if record.stack_info:
+            text += "\n" + self.formatStack(record.stack_info)
+        return text
+
+
+FORMATTERS: Final = {"json": JsonFormatter, "text": TextFormatter}
+
+
+def log_config(level: str = "info", fmt: str = "json", stream: str = "ext://sys.stdout") -> dict[str, Any]:
+    """A ``logging.config.dictConfig`` document (uvicorn's ``log_config``): every line in ``fmt`` on ``stream``.
+
+    The service's loggers and uvicorn's at ``level`` (``trace`` is debug here; uvicorn sets its own), anything else
+    (libraries, asyncio) from warning. uvicorn's access log gets no handler, so uvicorn never even builds its line:
+    :class:`RequestLog` writes the request log instead.
+    """
+    if fmt not in FORMATTERS:
+        raise ValueError(f"log format must be one of {sorted(FORMATTERS)}, not {fmt!r}")
+    formatter = FORMATTERS[fmt]
+    upper = "DEBUG" if level.lower() == "trace" else level.upper()
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"service": {"()": f"{formatter.__module__}.{formatter.__qualname__}"}},
+        "handlers": {"service": {"class": "logging.StreamHandler", "formatter": "service", "stream": stream}},
+        "loggers": {
+            "service": {"handlers": ["service"], "level": upper, "propagate": False},
+            "uvicorn": {"handlers": ["service"], "level": upper, "propagate": False},
+            "uvicorn.error": {"level": upper},
+            "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
+        },
+        "root": {"handlers": ["service"], "level": "WARNING"},
+    }
