@@ -23,8 +23,13 @@ a traceback). ``route`` is the route's template (``/v2/models/{name}/infer``), n
 the app to its last body byte handed to the server.
 
 :class:`RequestLog` is also what gives every request its id (:mod:`service.requestid`), logged or not: it reads or
-makes the id, echoes it in ``X-Request-ID``, and keeps it in the scope for error bodies. Other front doors (gRPC)
-write the same line with :func:`log_request`.
+makes the id, echoes it in ``X-Request-ID``, and keeps it in the scope for error bodies.
+
+gRPC calls get the same line from :class:`RpcLog` (``GrpcServer.start(..., on_rpc=RpcLog())``): ``method`` is
+``GRPC``, ``route`` the RPC's full name, ``status`` the HTTP status that google.rpc.Code maps the gRPC status code
+to (so ``status >= 500`` finds the server's failures whatever the protocol) and ``message`` names the code itself:
+``GRPC /inference.GRPCInferenceService/ModelInfer UNAVAILABLE``. The id is the ``x-request-id`` metadata when it is
+acceptable, else a new one.
 """
 
 from __future__ import annotations
@@ -33,14 +38,14 @@ import logging
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import msgspec
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.core import REQUEST_INFO, RequestInfo
 from service.middleware import route_template
-from service.requestid import HEADER_KEY, bind, request_id, unbind
+from service.requestid import HEADER_KEY, accepted, bind, new_request_id, request_id, unbind
 from service.tracing import current_trace_id
 
 REQUEST_LOGGER: Final = "service.requests"
@@ -71,15 +76,24 @@ class RequestLine:
     trace_id: str | None = None
 
 
-def log_request(line: RequestLine, logger: logging.Logger | None = None) -> None:
+def log_request(line: RequestLine, logger: logging.Logger | None = None, outcome: str | None = None) -> None:
     """Write one request's line (at info, on ``service.requests``); the caller has checked the logger is enabled.
+
+    The message is ``method route status`` (``outcome`` in place of the status when given).
 
     The record is made directly, not through ``logger.info``: that would look up the caller's frame, a cost paid on
     every request for a file and line number that are always this one.
     """
     logger = logger if logger is not None else logging.getLogger(REQUEST_LOGGER)
     record = logging.LogRecord(
-        logger.name, INFO, __file__, 0, "%s %s %s", (line.method, line.route, line.status), None, "log_request"
+        logger.name,
+        INFO,
+        __file__,
+        0,
+        "%s %s %s",
+        (line.method, line.route, outcome or line.status),
+        None,
+        "log_request",
     )
     record.__dict__["request"] = line
     logger.handle(record)
@@ -147,6 +161,71 @@ class RequestLog:
             line.client = client[0]
         line.trace_id = current_trace_id()
         log_request(line, self.logger)
+
+
+# --- gRPC -------------------------------------------------------------------------------------------------------
+
+#: gRPC's probes, left out like HTTP's unless MNIST_SERVE_LOG_PROBES=true.
+GRPC_PROBES: Final = frozenset(
+    f"/inference.GRPCInferenceService/{name}" for name in ("ServerLive", "ServerReady", "ModelReady")
+)
+#: gRPC status code → HTTP status, as google.rpc.Code documents it (nginx's 499 for a cancelled call).
+GRPC_HTTP_STATUS: Final = {
+    "OK": 200, "CANCELLED": 499, "UNKNOWN": 500, "INVALID_ARGUMENT": 400, "DEADLINE_EXCEEDED": 504, "NOT_FOUND": 404,
+    "ALREADY_EXISTS": 409, "PERMISSION_DENIED": 403, "RESOURCE_EXHAUSTED": 429, "FAILED_PRECONDITION": 400,
+    "ABORTED": 409, "OUT_OF_RANGE": 400, "UNIMPLEMENTED": 501, "INTERNAL": 500, "UNAVAILABLE": 503, "DATA_LOSS": 500,
+    "UNAUTHENTICATED": 401,
+}  # fmt: skip
+
+
+class RpcRecord(Protocol):
+    """What :class:`RpcLog` reads of a gRPC call (``service.grpc_server.RpcRecord`` has it)."""
+
+    method: str
+    peer: str
+    request_id: str | None
+    info: RequestInfo
+    code: str
+    seconds: float
+
+
+def peer_host(peer: str) -> str | None:
+    """The client address in a grpc peer string: ``ipv4:10.0.0.7:50312`` → ``10.0.0.7``, ``ipv6:[::1]:5`` → ``::1``."""
+    kind, _, address = peer.partition(":")
+    if kind == "ipv4":
+        return address.rpartition(":")[0] or address
+    if kind == "ipv6":
+        return address.rpartition(":")[0].strip("[]") or address
+    return address or None
+
+
+class RpcLog:
+    """The request log's line for each gRPC call (see the module docstring), given as the gRPC server's hook."""
+
+    def __init__(self, *, enabled: bool = True, probes: bool = False, logger: logging.Logger | None = None) -> None:
+        self.enabled = enabled
+        self.probes = probes
+        self.logger = logger if logger is not None else logging.getLogger(REQUEST_LOGGER)
+
+    def __call__(self, record: RpcRecord) -> None:
+        if not (self.enabled and self.logger.isEnabledFor(INFO)) or (not self.probes and record.method in GRPC_PROBES):
+            return
+        sent = record.request_id
+        rid = (accepted(sent.encode("utf-8", "replace")) if sent else None) or new_request_id()
+        info = record.info
+        line = RequestLine(
+            rid,
+            "GRPC",
+            record.method,
+            GRPC_HTTP_STATUS.get(record.code, 500),
+            round(record.seconds * 1000, 3),
+            info.model,
+            info.version,
+            info.images,
+            peer_host(record.peer),
+            current_trace_id(),
+        )
+        log_request(line, self.logger, outcome=record.code)
 
 
 # --- formatters ------------------------------------------------------------------------------------------------

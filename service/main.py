@@ -42,7 +42,7 @@ from service.deps import StateDep
 from service.docs import install_docs
 from service.errors import register_error_handlers
 from service.grpc_server import GrpcServer
-from service.logs import RequestLog, log_config
+from service.logs import RequestLog, RpcLog, log_config
 from service.memory import tune_malloc
 from service.metrics import ModelMetrics, ServiceMetrics
 from service.middleware import BodySizeLimit, RequestMetrics
@@ -141,8 +141,12 @@ def _reload_on_sighup(repository: ModelRepository) -> Iterator[None]:
 
 async def _start_grpc(app: FastAPI) -> GrpcServer | None:
     """The Open Inference Protocol over gRPC on MNIST_SERVE_GRPC_PORT (0: off), in this event loop."""
-    state: ServiceState = app.state.service
-    server = await GrpcServer.start(app.state.plane, version=app.version) if state.settings.grpc_port else None
+    settings: Settings = app.state.service.settings
+    if not settings.grpc_port:
+        app.state.grpc = None
+        return None
+    log_rpc = RpcLog(enabled=settings.access_log, probes=settings.log_probes)  # the request log's line per RPC
+    server = await GrpcServer.start(app.state.plane, version=app.version, on_rpc=log_rpc)
     app.state.grpc = server
     return server
 

@@ -286,6 +286,37 @@ def test_log_config_refuses_an_unknown_format() -> None:
         log_config("info", "yaml")
 
 
+def test_grpc_calls_get_the_same_line(make_client: ClientFactory, logs: Captured, classifier: OnnxClassifier) -> None:
+    import grpc
+    from conftest import free_port
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    port = free_port()
+    make_client(access_log=True, grpc_port=port)
+    infer = "/inference.GRPCInferenceService/ModelInfer"
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        stub.ServerLive(service_pb2.ServerLiveRequest())  # a probe: not logged
+        request = service_pb2.ModelInferRequest(model_name=classifier.name)
+        tensor = request.inputs.add(name="input", datatype="FP32", shape=[2, 784])
+        tensor.contents.fp32_contents.extend([0.0] * 2 * 784)
+        stub.ModelInfer(request, metadata=[("x-request-id", "grpc-call-1")])
+        with pytest.raises(grpc.RpcError):
+            stub.ModelInfer(service_pb2.ModelInferRequest(model_name="nope"), metadata=[("x-request-id", "bad id")])
+    ok, missing = logs.requests()
+    assert list(ok) == REQUEST_KEYS
+    assert (ok["message"], ok["method"], ok["route"], ok["status"]) == (f"GRPC {infer} OK", "GRPC", infer, 200)
+    assert (ok["request_id"], ok["model"], ok["version"], ok["images"]) == (
+        "grpc-call-1",
+        classifier.name,
+        classifier.version,
+        2,
+    )
+    assert ok["client"] == "127.0.0.1" and ok["latency_ms"] > 0
+    assert (missing["message"], missing["status"]) == (f"GRPC {infer} NOT_FOUND", 404)
+    assert HEX32.match(missing["request_id"])  # an unsafe id is replaced, as over HTTP
+
+
 def test_the_server_writes_json_lines_only(live_server: Callable[..., Any]) -> None:
     """The real server: its startup lines, the request line and its shutdown lines are all JSON objects."""
     server = live_server(env={"MNIST_SERVE_ACCESS_LOG": "true"})

@@ -42,7 +42,7 @@ TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
 
 
 def settings(**overrides: Any) -> Settings:
-    values: dict[str, Any] = {"model_dir": MODEL_DIR, "model_name": "mnist-cnn", "access_log": True}
+    values: dict[str, Any] = {"model_dir": MODEL_DIR, "model_name": "mnist-cnn", "access_log": True, "grpc_port": 0}
     return Settings(**{**values, **overrides})
 
 
@@ -187,7 +187,7 @@ def test_without_an_endpoint_no_tracing_code_is_loaded() -> None:
         from fastapi.testclient import TestClient
         from service.main import create_app
         from service.settings import Settings
-        settings = Settings(model_dir={str(MODEL_DIR)!r}, model_name="mnist-cnn")
+        settings = Settings(model_dir={str(MODEL_DIR)!r}, model_name="mnist-cnn", grpc_port=0)
         with TestClient(create_app(settings)) as client:
             import time
             while client.get("/readyz").status_code != 200:
