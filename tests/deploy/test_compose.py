@@ -163,22 +163,84 @@ def test_grafana_takes_the_admin_password_it_is_given(tmp_path: Path) -> None:
     assert not (tmp_path / "admin-password").exists()
 
 
-def test_dashboard_queries_metrics_the_service_exports() -> None:
+def dashboard_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
+    """(where, PromQL) for every query the dashboard runs: panel targets (rows' too), variables, annotations."""
+    queries = []
+    panels = list(dashboard["panels"])
+    while panels:
+        panel = panels.pop(0)
+        panels.extend(panel.get("panels", []))  # a collapsed row holds its panels
+        queries += [(panel["title"], target["expr"]) for target in panel.get("targets", [])]
+    for variable in dashboard["templating"]["list"]:
+        query = variable["query"]
+        queries.append((f"${variable['name']}", query["query"] if isinstance(query, dict) else query))
+    queries += [(a["name"], a["expr"]) for a in dashboard["annotations"]["list"] if "expr" in a]
+    return queries
+
+
+def exported_series() -> dict[str, set[str]]:
+    """Every sample name the service exports → its label names (each collector exercised once)."""
+    import numpy as np
+
     from service.metrics import ServiceMetrics
 
-    # Sample names by family type (a labelled family with no children yet exports no samples to look at).
-    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""], "info": ["_info"]}
-    exported = {
-        family.name + suffix for family in ServiceMetrics().registry.collect() for suffix in suffixes[family.type]
-    }
+    metrics = ServiceMetrics()
+    per_model = metrics.for_model("mnist-cnn", "1.0.0")
+    per_model.observe_run(4, 0.001)
+    per_model.observe_overloaded()
+    per_model.failed.inc()
+    per_model.queue_seconds.observe(0.001)
+    per_model.queue_depth.set(1)
+    per_model.queue_images.set(1)
+    per_model.ready.set(1)
+    per_model.observe_answers(np.array([7]), np.array([0.99], np.float32), ["digit"])
+    metrics.set_models([("mnist-cnn", "1.0.0", "0" * 64, True)], problems=0)
+    metrics.observe_request("/v1/predict", "POST", 200, 0.001)
+    metrics.reloads.labels(result="ok").inc()
+    series: dict[str, set[str]] = {}
+    for family in metrics.registry.collect():
+        for sample in family.samples:
+            series.setdefault(sample.name, set()).update(sample.labels)
+    return series
+
+
+#: A metric name and its label matchers: `name{a="x", b=~"y"}` (names without matchers have no braces).
+SELECTOR = re.compile(r"\b(mnist_serve_[a-z_]+)(?:\{([^}]*)\})?")
+#: Grafana's own variables.
+GRAFANA_VARIABLES = {"__rate_interval", "__interval", "__range", "__all"}
+
+
+def test_dashboard_queries_metrics_the_service_exports() -> None:
+    series = exported_series()
     dashboard = json.loads((GRAFANA / "dashboards" / "mnist-serve.json").read_text())
     titles = [panel["title"] for panel in dashboard["panels"]]
-    for wanted in ("latency", "Throughput", "batch size", "Errors"):
+    for wanted in ("latency", "Throughput", "batch size", "Errors", "queue", "Readiness", "verdict", "digit",
+                   "Confidence distribution"):  # fmt: skip
         assert any(wanted.lower() in t.lower() for t in titles), f"no panel about {wanted}: {titles}"
-    for panel in dashboard["panels"]:
-        for target in panel["targets"]:
-            for name in re.findall(r"\bmnist_serve_[a-z_]+", target["expr"]):
-                assert name in exported, f"{panel['title']}: {name} is not a metric the service exports"
+    variables = {variable["name"] for variable in dashboard["templating"]["list"]}
+    assert {"model", "version"} <= variables
+    queries = dashboard_queries(dashboard)
+    assert len(queries) > 20
+    for where, query in queries:
+        names = SELECTOR.findall(query)
+        assert names, f"{where}: {query} names no metric of the service"
+        for name, matchers in names:
+            assert name in series, f"{where}: {name} is not a metric the service exports"
+            for label in re.findall(r"([a-zA-Z_]\w*)\s*(?:=~|!~|!=|=)", matchers):
+                assert label in series[name], f"{where}: {name} has no label {label!r} (it has {sorted(series[name])})"
+        for variable in re.findall(r"\$(\w+)", query):
+            assert variable in variables | GRAFANA_VARIABLES, f"{where}: ${variable} is not a dashboard variable"
+
+
+def test_dashboard_shows_every_model_in_a_row_of_its_own() -> None:
+    dashboard = json.loads((GRAFANA / "dashboards" / "mnist-serve.json").read_text())
+    (per_model,) = [panel for panel in dashboard["panels"] if panel.get("repeat") == "model"]
+    assert per_model["type"] == "row"
+    below = [panel for panel in dashboard["panels"] if panel["gridPos"]["y"] > per_model["gridPos"]["y"]]
+    assert below and all("$model" in target["expr"] for panel in below for target in panel["targets"])
+    assert all('model=~"$model", version=~"$version"' in t["expr"] for panel in below for t in panel["targets"])
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
 
 
 def compose_cli() -> list[str] | None:
