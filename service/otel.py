@@ -6,9 +6,10 @@
 
 Each app has its own ``TracerProvider`` (nothing is set globally, so tests and several apps never collide); the
 context, and so the parent of each span, is OpenTelemetry's usual one. :class:`TraceRequests` opens a server span
-per HTTP request, named ``{method} {route}`` once the route is known, the parent taken from the caller's
-``traceparent`` (the propagators in ``OTEL_PROPAGATORS``, W3C trace context by default); the request log writes its
-trace id. The exporter also reads the standard ``OTEL_EXPORTER_OTLP_*`` variables (headers, timeout, certificates).
+per HTTP request (probes left out), named ``{method} {route}`` once the route is known, its parent taken from the
+caller's ``traceparent`` (the propagators in ``OTEL_PROPAGATORS``, W3C trace context by default); the request log
+writes its trace id. The exporter also reads the standard ``OTEL_EXPORTER_OTLP_*`` variables (headers, timeout,
+certificates).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.core import REQUEST_INFO, RequestInfo
+from service.logs import is_probe
 from service.middleware import route_template
 from service.requestid import SCOPE_KEY as REQUEST_ID_KEY
 from service.tracing import Attributes, SpanLike, Tracing
@@ -122,7 +124,7 @@ class TraceRequests:
         self.known_paths = frozenset(known_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or is_probe(scope.get("path", "")):  # probes: noise every few seconds, no trace
             await self.app(scope, receive, send)
             return
         carrier = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope.get("headers", ())}

@@ -164,6 +164,14 @@ def test_v2_inference_is_traced_and_errors_mark_the_server_span(
     assert statuses == ["UNSET", "UNSET"]
 
 
+def test_probes_are_not_traced(classifier: OnnxClassifier, exporter: InMemorySpanExporter) -> None:
+    with traced_client(classifier, exporter) as client:
+        for path in ("/healthz", "/readyz", "/metrics", "/v2/health/ready"):
+            assert client.get(path, headers={"traceparent": TRACEPARENT}).status_code == 200
+        assert client.get("/v1/models").status_code == 200
+    assert [span.name for span in exporter.get_finished_spans()] == ["GET /v1/models"]
+
+
 def test_the_callers_sampling_decision_is_followed(
     classifier: OnnxClassifier, exporter: InMemorySpanExporter, request_lines: Lines
 ) -> None:
