@@ -14,9 +14,12 @@ draining a model in use, the verdict and the per-model metrics happen here once.
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+import asyncio
+import functools
+from collections.abc import Callable, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -29,6 +32,9 @@ from service.settings import Settings
 from service.tracing import NO_TRACING, Attributes, Tracing
 
 IntArray = npt.NDArray[np.int64]
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 #: Where a request's scope carries its :class:`RequestInfo` (read by the request log once it is answered).
 REQUEST_INFO = "mnist_serve.request"
@@ -59,6 +65,9 @@ class ServiceState:
     metrics: ServiceMetrics
     repository: ModelRepository
     stopping: bool = False
+    """Shutting down: no new inference is admitted."""
+    draining: bool = False
+    """SIGTERM arrived: readiness says 503 (so load balancers stop sending), while admitted requests finish."""
 
     @property
     def models(self) -> ModelSet | None:
@@ -123,13 +132,30 @@ def judge(rows: FloatArray, rule: VerdictRule) -> tuple[IntArray, FloatArray, li
 class DataPlane:
     """Resolve a model, run images through its runner under a lease, answer with verdicts and metrics.
 
+    Image decoding runs in a pool of its own, sized from the CPUs this worker may use (``decode_threads``): a burst
+    of large uploads queues for it instead of decoding all at once, so decode memory is bounded by the pool size
+    times one raster.
+
     ``tracing`` (:mod:`service.tracing`) gets an ``infer`` span per call with ``answer`` under it (the batcher adds
     ``queue`` and ``run``); front doors open their ``decode`` span with ``plane.tracing.span("decode")``.
     """
 
-    def __init__(self, state: ServiceState, *, tracing: Tracing = NO_TRACING) -> None:
+    def __init__(self, state: ServiceState, decode_threads: int = 1, *, tracing: Tracing = NO_TRACING) -> None:
         self.state = state
+        self.decode_threads = decode_threads
         self.tracing = tracing
+        self._decoder: ThreadPoolExecutor | None = None
+
+    async def decode(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a decoding function in the decode pool (created on first use, in the serving process)."""
+        if self._decoder is None:
+            self._decoder = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="mnist-decode")
+        return await asyncio.get_running_loop().run_in_executor(self._decoder, functools.partial(fn, *args, **kwargs))
+
+    def close(self) -> None:
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=False, cancel_futures=True)
+            self._decoder = None
 
     @property
     def settings(self) -> Settings:

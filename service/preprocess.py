@@ -13,13 +13,14 @@ import binascii
 import io
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from service.errors import InvalidInput, UnsupportedMediaType
+from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 
 Scale = Literal["0-255", "0-1"]
 FloatImage = npt.NDArray[np.float32]
@@ -37,6 +38,9 @@ WORKING_SIDE = 512
 INK_THRESHOLD = 0.2
 #: An image whose brightest ink, after levelling, is below this is considered empty.
 MIN_CONTRAST = 0.1
+#: Opaque pixels of a partly transparent image varying at least this much (std of luminance) are a card with
+#: something drawn on it, not strokes of one colour.
+CARD_CONTRAST = 0.05
 
 
 def from_pixels(pixels: Sequence[Sequence[float]] | npt.ArrayLike, scale: Scale = "0-255") -> FloatImage:
@@ -56,11 +60,11 @@ def from_pixels(pixels: Sequence[Sequence[float]] | npt.ArrayLike, scale: Scale 
 
 
 def decode_base64(data: str) -> bytes:
-    """Standard or URL-safe base64, with or without a ``data:image/...;base64,`` prefix."""
+    """Standard or URL-safe base64, with or without a ``data:image/...;base64,`` prefix (in any letter case)."""
     text = data.strip()
-    if text.startswith("data:"):
+    if text[:5].lower() == "data:":
         header, _, text = text.partition(",")
-        if ";base64" not in header:
+        if ";base64" not in header.lower():
             raise InvalidInput("image_base64 data URL must be base64-encoded")
     text = "".join(text.split())
     text += "=" * (-len(text) % 4)
@@ -70,11 +74,29 @@ def decode_base64(data: str) -> bytes:
         raise InvalidInput("image_base64 is not valid base64") from exc
 
 
-def decode_image(data: bytes, max_pixels: int) -> FloatImage:
+@dataclass
+class PixelBudget:
+    """The image pixels one request may make the service decode, summed over its images (413 past it)."""
+
+    max_pixels: int
+    used: int = 0
+
+    def take(self, pixels: int) -> None:
+        self.used += pixels
+        if self.used > self.max_pixels:
+            raise PayloadTooLarge(
+                f"the images of this request hold more than the {self.max_pixels} pixels one request may decode",
+                code="too_many_pixels",
+            )
+
+
+def decode_image(data: bytes, max_pixels: int, budget: PixelBudget | None = None) -> FloatImage:
     """PNG/JPEG/… bytes of any size or colour → float32 28×28 MNIST-form image.
 
-    The declared size is checked before any pixel is decoded, so a small file claiming a huge canvas (a
-    decompression bomb) is refused cheaply.
+    Cost is bounded before a pixel is decoded: the declared size against ``max_pixels`` (a decompression bomb is
+    refused cheaply) and against the request's ``budget``. JPEGs decode at a reduced scale; other formats are
+    reduced right after decoding, without a second full-size copy, so one decode holds at most one raster of at
+    most ``max_pixels`` × 4 bytes.
     """
     if not data:
         raise InvalidInput("the image is empty")
@@ -90,14 +112,17 @@ def decode_image(data: bytes, max_pixels: int) -> FloatImage:
                     f"the image is {width}×{height} = {width * height} pixels, more than the {max_pixels} allowed",
                     code="image_too_large",
                 )
+            if budget is not None:
+                budget.take(width * height)
             image.seek(0)  # first frame of an animation
             if image.format == "JPEG":
                 # Let libjpeg decode at a reduced scale: far less work for big photos.
                 image.draft("L", (WORKING_SIDE, WORKING_SIDE))
             image.load()
+            image = _reduced(image)
             image = ImageOps.exif_transpose(image)
             gray = _to_ink_map(image)
-    except InvalidInput:
+    except (InvalidInput, PayloadTooLarge):
         raise
     except UnidentifiedImageError as exc:
         raise InvalidInput(
@@ -105,27 +130,82 @@ def decode_image(data: bytes, max_pixels: int) -> FloatImage:
         ) from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidInput(f"the image is too large: {exc}", code="image_too_large") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
         # Pillow reports truncated or corrupt files through these.
         raise InvalidInput(f"the image could not be decoded: {exc}", code="undecodable_image") from exc
     return to_mnist(gray)
 
 
+#: Modes holding more than 8 bits per sample: their values are scaled to 0..1, never clipped to 8 bits.
+WIDE_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+
+
+def _reduced(image: Image.Image) -> Image.Image:
+    """The image reduced by a whole factor to about :data:`WORKING_SIDE` (box filter), when it is larger.
+
+    One band at a time: Pillow's own reduce() of an image with alpha first makes a premultiplied full-size copy
+    (64 MB more for a 4096² RGBA), and a converted palette image would be a full-size copy too; a band is a
+    quarter of the raster at most.
+    """
+    factor = max(image.size) // WORKING_SIDE
+    if factor < 2:
+        return image
+    if image.mode in WIDE_MODES:
+        return image.convert("F").reduce(factor)  # one band: the copy is the image's own size
+    if image.mode in ("1", "P"):
+        image = image.convert("RGBA" if _has_alpha(image) else "L")
+    if len(image.getbands()) == 1:
+        return image.reduce(factor)
+    bands = [image.getchannel(i).reduce(factor) for i in range(len(image.getbands()))]
+    return Image.merge(image.mode, bands)
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+
+
+def _wide_to_unit(image: Image.Image) -> FloatImage:
+    """16-bit, 32-bit integer and float samples → 0..1, scaled by the range they use (never clipped to 8 bits)."""
+    x = np.asarray(image, dtype=np.float32)
+    top = float(x.max()) if x.size else 1.0
+    if image.mode.startswith("I;16"):
+        scale = 65535.0
+    elif top <= 1.0 and image.mode == "F":
+        scale = 1.0
+    elif top <= 255.0:
+        scale = 255.0
+    elif top <= 65535.0:
+        scale = 65535.0
+    else:
+        scale = top
+    out: FloatImage = np.clip(x / np.float32(scale), 0.0, 1.0)
+    return out
+
+
 def _to_ink_map(image: Image.Image) -> FloatImage:
     """Grayscale float 0..1 at a working size; transparency-drawn images become their alpha (ink = opaque)."""
     if max(image.size) > WORKING_SIDE:
-        image = image.copy()
-        image.thumbnail((WORKING_SIDE, WORKING_SIDE), Image.Resampling.BOX)
-    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
-    if has_alpha:
+        image.thumbnail((WORKING_SIDE, WORKING_SIDE), Image.Resampling.BOX)  # already reduced: a small copy
+    if image.mode in WIDE_MODES:
+        return _wide_to_unit(image)
+    if _has_alpha(image):
         rgba = image.convert("RGBA")
-        alpha = np.asarray(rgba.getchannel("A"), dtype=np.float32) / 255.0
+        pixels = np.asarray(rgba, dtype=np.float32) / 255.0
+        alpha = pixels[..., 3]
         if _border(alpha).mean() < 0.5:
-            # Strokes on a transparent canvas (what a drawing app exports): the alpha channel is the ink,
-            # whatever colour the strokes were painted in.
-            return alpha
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
+            luminance = pixels[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+            opaque = luminance[alpha > 0.9]
+            if opaque.size == 0 or float(opaque.std()) < CARD_CONTRAST:
+                # Strokes of one colour on a transparent canvas (what a drawing app exports): the alpha channel is
+                # the ink, whatever colour the strokes were painted in.
+                return alpha
+            # An opaque card with something drawn on it, in a transparent margin: the margin takes the card's own
+            # colour, so that the digit on the card is read, not the card's outline.
+            background = tuple(round(float(v) * 255) for v in np.median(pixels[alpha > 0.9][:, :3], axis=0))
+            canvas = Image.new("RGBA", rgba.size, (*background, 255))
+            return np.asarray(Image.alpha_composite(canvas, rgba).convert("L"), dtype=np.float32) / 255.0
+        background_white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background_white, rgba)
     return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
 
 

@@ -8,7 +8,6 @@ types; the OpenAPI description of both bodies is added in ``openapi_extra``. JSO
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from typing import Annotated, Any
 
@@ -22,11 +21,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.admission import JsonBudget
 from service.body import check_encoding, read_body
 from service.codec import Item, encode, item_image, parse_batch, parse_predict, predictions, too_many_items
-from service.core import request_info
+from service.core import DataPlane, request_info
 from service.deps import ModelChoice, ModelChoiceDep, require_api_key
 from service.errors import InvalidInput, ServiceError, UnsupportedMediaType, validation_error
 from service.model import FloatArray
-from service.preprocess import check_media_type, decode_base64, decode_image
+from service.preprocess import PixelBudget, check_media_type, decode_base64, decode_image
 from service.schemas import BatchResponse, PredictResponse, error_responses
 from service.settings import Settings
 
@@ -74,29 +73,41 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-def _item_image(item: Item, settings: Settings) -> FloatArray:
+def _item_image(item: Item, settings: Settings, budget: PixelBudget) -> FloatArray:
     image = item_image(item)
     if image is not None:
         return image
     assert item.image_base64 is not None
-    return decode_image(decode_base64(item.image_base64), settings.max_image_pixels)
+    return decode_image(decode_base64(item.image_base64), settings.max_image_pixels, budget)
 
 
 def _items_images(items: Sequence[Item], settings: Settings, indexed: bool) -> list[FloatArray]:
     images = []
+    budget = PixelBudget(settings.max_request_pixels)
     for index, item in enumerate(items):
         try:
-            images.append(_item_image(item, settings))
+            images.append(_item_image(item, settings, budget))
         except ServiceError as exc:
             raise (exc.at_index(index) if indexed else exc) from None
     return images
 
 
-async def _preprocess(items: Sequence[Item], settings: Settings, indexed: bool = True) -> list[FloatArray]:
-    # Decoding images is CPU work measured in milliseconds: keep it off the event loop. Pixel arrays are cheap.
-    if any(item.image_base64 is not None for item in items):
-        return await asyncio.to_thread(_items_images, items, settings, indexed)
-    return _items_images(items, settings, indexed)
+async def json_images(
+    body: bytes | bytearray, plane: DataPlane, batch: bool
+) -> tuple[FloatArray, int | None, bool | None]:
+    """A JSON predict or batch body → the images (float32 n × 28 × 28), top_k and return_image it names.
+
+    Plain pixel arrays are converted on the spot (cheap); images to decode go to the bounded decode pool.
+    """
+    settings = plane.settings
+    parsed = parse_batch(body, settings.max_batch_items) if batch else parse_predict(body)
+    if parsed.images is not None:  # plain pixels, already one array
+        return parsed.images, parsed.top_k, parsed.return_image
+    if any(item.image_base64 is not None for item in parsed.items):
+        images = await plane.decode(_items_images, parsed.items, settings, batch)
+    else:
+        images = _items_images(parsed.items, settings, batch)
+    return np.stack(images), parsed.top_k, parsed.return_image
 
 
 async def _form_files(request: Request, settings: Settings, batch: bool) -> tuple[list[bytes], _FormOptions]:
@@ -132,9 +143,10 @@ async def _form_files(request: Request, settings: Settings, batch: bool) -> tupl
 
 def _decode_uploads(payloads: Sequence[bytes], settings: Settings) -> list[FloatArray]:
     images = []
+    budget = PixelBudget(settings.max_request_pixels)
     for index, data in enumerate(payloads):
         try:
-            images.append(decode_image(data, settings.max_image_pixels))
+            images.append(decode_image(data, settings.max_image_pixels, budget))
         except ServiceError as exc:
             raise (exc.at_index(index) if len(payloads) > 1 else exc) from None
     return images
@@ -148,7 +160,7 @@ async def _answer(
     Returns the predictions in request order and the name and version of the model that made them.
     """
     with choice.plane.tracing.span("decode"):
-        images, body_top_k, body_return_image = await _read_items(request, choice.settings, batch=batch)
+        images, body_top_k, body_return_image = await _read_items(request, choice.plane, batch=batch)
     top_k, return_image = _pick(body_top_k, top_k), _pick(body_return_image, return_image)
     answer = await choice.plane.infer(choice.model, choice.version, images, request_info(request.scope))
     ref = {"name": answer.name, "version": answer.version}
@@ -159,22 +171,21 @@ def _pick(body_value: Any, query_value: Any) -> Any:
     return body_value if body_value is not None else query_value
 
 
-async def _read_items(request: Request, settings: Settings, batch: bool) -> tuple[FloatArray, int | None, bool | None]:
+def json_budget(settings: Settings, batch: bool) -> JsonBudget:
+    return JsonBudget.for_batch(settings.max_batch_items) if batch else JsonBudget.for_predict()
+
+
+async def _read_items(request: Request, plane: DataPlane, batch: bool) -> tuple[FloatArray, int | None, bool | None]:
     """The images of a JSON or multipart body (float32 n × 28 × 28), with the top_k / return_image it names."""
+    settings = plane.settings
     kind = _media_type(request)
     if kind == JSON:
-        budget = JsonBudget.for_batch(settings.max_batch_items) if batch else JsonBudget.for_predict()
-        body = await read_body(request, budget)
-        parsed = parse_batch(body, settings.max_batch_items) if batch else parse_predict(body)
-        del body
-        if parsed.images is not None:  # plain pixels, already one array
-            return parsed.images, parsed.top_k, parsed.return_image
-        images = await _preprocess(parsed.items, settings, indexed=batch)
-        return np.stack(images), parsed.top_k, parsed.return_image
+        body = await read_body(request, json_budget(settings, batch))
+        return await json_images(body, plane, batch)
     if kind == MULTIPART:
         check_encoding(request.headers.get("content-encoding"))
         payloads, options = await _form_files(request, settings, batch)
-        images = await asyncio.to_thread(_decode_uploads, payloads, settings)
+        images = await plane.decode(_decode_uploads, payloads, settings)
         return np.stack(images), options.top_k, options.return_image
     raise UnsupportedMediaType(f"send {JSON} or {MULTIPART}, not {kind or 'no content type'!r}")
 

@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 from service_helpers import dark_on_light, jpeg_bytes, png_bytes, png_claiming_size
 
-from service.errors import InvalidInput, UnsupportedMediaType
+from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from service.preprocess import (
     CENTRE,
+    PixelBudget,
     check_media_type,
     decode_base64,
     decode_image,
@@ -185,3 +186,65 @@ def test_the_image_the_model_saw_round_trips(mnist_test: tuple) -> None:
     decoded = np.asarray(Image.open(io.BytesIO(png)))
     np.testing.assert_array_equal(decoded, to_uint8(image))
     np.testing.assert_array_equal(to_uint8(image), mnist_test[0][4])
+
+
+# --- regressions: wide samples, cards in a transparent margin, data URLs, the per-request pixel budget ---------
+
+
+def _encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_16_bit_and_float_images_are_scaled_not_clipped(mnist_test: tuple, classifier: object) -> None:
+    """A dark-on-light 16-bit PNG was clipped to 8 bits (all paper, no ink) and refused as blank."""
+    digit = mnist_test[0][0]
+    reference = decode_image(png_bytes(dark_on_light(digit)), MAX_PIXELS)
+    paper = dark_on_light(digit).astype(np.float64) / 255.0
+    wide = Image.fromarray(np.rint(paper * 65535).astype(np.uint16))
+    assert wide.mode.startswith("I;16")
+    as_float = Image.fromarray(paper.astype(np.float32), mode="F")
+    for data in (_encoded(wide, "PNG"), _encoded(wide, "TIFF"), _encoded(as_float, "TIFF")):
+        out = decode_image(data, MAX_PIXELS)
+        assert np.abs(out - reference).mean() < 0.02
+
+
+def test_an_opaque_card_in_a_transparent_margin_is_read_for_what_is_on_it(mnist_test: tuple) -> None:
+    """A white card with a dark digit, pasted in a transparent margin, was read as the card's outline."""
+    x, y = mnist_test
+    for i in range(10):
+        rgba = np.zeros((400, 400, 4), dtype=np.uint8)
+        rgba[60:340, 60:340, :3] = dark_on_light(x[i])[..., None]
+        rgba[60:340, 60:340, 3] = 255
+        out = decode_image(png_bytes(rgba), MAX_PIXELS)
+        reference = decode_image(png_bytes(dark_on_light(x[i])), MAX_PIXELS)
+        assert np.abs(out - reference).mean() < 0.02, i
+
+
+def test_data_url_prefixes_in_any_case() -> None:
+    payload = png_bytes(np.eye(28, dtype=np.uint8) * 255)
+    encoded = base64.b64encode(payload).decode()
+    for prefix in ("data:image/png;base64,", "DATA:image/png;BASE64,", "Data:IMAGE/PNG;Base64,"):
+        assert decode_base64(prefix + encoded) == payload
+
+
+def test_a_request_has_a_pixel_budget_over_all_its_images() -> None:
+    budget = PixelBudget(max_pixels=3 * 512 * 512)
+    page = png_bytes(np.pad(np.eye(100, dtype=np.uint8) * 255, 206))  # 512 × 512
+    for _ in range(3):
+        decode_image(page, MAX_PIXELS, budget)
+    with pytest.raises(PayloadTooLarge) as refused:
+        decode_image(page, MAX_PIXELS, budget)
+    assert refused.value.code == "too_many_pixels" and refused.value.status_code == 413
+
+
+def test_large_images_are_reduced_without_a_second_full_copy(mnist_test: tuple) -> None:
+    """A 4096² RGBA drawing decodes to the same digit as a small one (reduce() on the raster, no copy first)."""
+    digit = mnist_test[0][4]
+    alpha = np.asarray(Image.fromarray(digit).resize((4096, 4096), Image.Resampling.BILINEAR))
+    rgba = np.zeros((4096, 4096, 4), dtype=np.uint8)
+    rgba[..., 3] = alpha
+    out = decode_image(png_bytes(rgba), MAX_PIXELS)
+    reference = decode_image(png_bytes(dark_on_light(digit)), MAX_PIXELS)
+    assert np.abs(out - reference).mean() < 0.05
