@@ -287,11 +287,14 @@ def test_log_config_refuses_an_unknown_format() -> None:
 
 
 def test_grpc_calls_get_the_same_line(make_client: ClientFactory, logs: Captured, classifier: OnnxClassifier) -> None:
+    import socket
+
     import grpc
-    from conftest import free_port
     from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-    port = free_port()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
     make_client(access_log=True, grpc_port=port)
     infer = "/inference.GRPCInferenceService/ModelInfer"
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
