@@ -1,5 +1,5 @@
 """``python -m service``: the same as the ``mnist-serve`` console script."""
 
-from service.main import main
+from service.server import main
 
 raise SystemExit(main())

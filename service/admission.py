@@ -15,12 +15,11 @@ limits (pixels per image and per request, raster bytes, the decode pool) in :mod
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from service.cpus import usable_cpus
 from service.errors import Overloaded, PayloadTooLarge
 
 #: Arrays in one 28×28 ``pixels`` value (the outer one and its 28 rows), and numbers in it.
@@ -30,33 +29,6 @@ SLACK = 16
 #: A body may hold this many times the structure of the largest valid request before it is refused unread:
 #: a bounded overshoot keeps the precise error (e.g. ``too_many_items`` with the count) for near misses.
 OVERSHOOT = 2
-
-
-def usable_cpus() -> int:
-    """CPUs this process may really use: its affinity mask, capped by a cgroup CPU quota (containers)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    quota = _cgroup_cpu_quota()
-    if quota is not None:
-        cpus = min(cpus, max(1, math.ceil(quota)))
-    return max(1, cpus)
-
-
-def _cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
-    """The CPU quota in CPUs (cgroup v2 ``cpu.max``, else v1 ``cfs_quota_us / cfs_period_us``), None when unlimited."""
-    try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError):
-        pass
-    try:
-        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
-        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
-    except (OSError, ValueError):
-        return None
-    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
 
 
 @dataclass
@@ -73,6 +45,9 @@ class JsonBudget:
     max_commas: int
     arrays: int = 0
     commas: int = 0
+    only_first: int | None = None
+    """Count only the first this many bytes of the body (the JSON header of a body with binary tensors after it)."""
+    seen: int = 0
 
     @classmethod
     def for_predict(cls) -> JsonBudget:
@@ -98,6 +73,9 @@ class JsonBudget:
     def check(self, chunk: bytes | bytearray | memoryview) -> None:
         """Count ``chunk``; :class:`PayloadTooLarge` (``json_too_complex``) once the body is over the budget."""
         data = bytes(chunk) if isinstance(chunk, memoryview) else chunk
+        if self.only_first is not None:
+            data = data[: max(0, self.only_first - self.seen)]
+            self.seen += len(chunk)
         self.arrays += data.count(b"[")
         self.commas += data.count(b",")
         if self.arrays > self.max_arrays or self.commas > self.max_commas:
@@ -185,3 +163,6 @@ class QueueBudget:
         self._samples += 1
         weight = max(0.05, 1.0 / self._samples)
         self.seconds_per_image += weight * (per_image - self.seconds_per_image)
+
+
+__all__ = ["BodyBudget", "JsonBudget", "QueueBudget", "usable_cpus"]

@@ -69,6 +69,8 @@ class InferenceRunner(Protocol):
     @property
     def queue_depth(self) -> int: ...
 
+    def fail_pending(self) -> None: ...
+
 
 class _Timed:
     """The model's predict functions, split into runs of at most ``max_run_images``, each one timed and recorded."""
@@ -327,6 +329,11 @@ class MicroBatcher:
                 self._tracing.record("queue", job.trace, job.admitted, start)
                 self._tracing.record("run", job.trace, start, end, batch, error)
 
+    def fail_pending(self) -> None:
+        """The drain ran out of time: every request admitted and not answered gets 503 now (never a cancellation)."""
+        self._accepting = False
+        self._fail_pending()
+
     def _fail_pending(self) -> None:
         pending = [*self._inflight, *([self._carry] if self._carry is not None else [])]
         self._inflight, self._carry = [], None
@@ -420,6 +427,11 @@ class UnbatchedRunner:
         finally:
             self._in_flight.discard(future)
             self._admission.report(len(self._in_flight))
+
+    def fail_pending(self) -> None:
+        """The drain ran out of time: requests not yet running get 503 when their turn comes."""
+        self._accepting = False
+        self._abandoned = True
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         self._accepting = False

@@ -322,7 +322,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return pb.ServerReadyResponse(ready=self.state.ready)
+        return pb.ServerReadyResponse(ready=self.state.ready and not self.state.draining)
 
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Ready or not, never an error: a model or version not served is not ready (as Triton answers)."""

@@ -1,4 +1,4 @@
-"""The app factory and the ``mnist-serve`` entry point.
+"""The app factory; ``mnist-serve`` (:mod:`service.server`) runs it in one or several worker processes.
 
     mnist-serve                                   # serve every model in models/ on 127.0.0.1:8000
     MNIST_SERVE_PORT=9000 MNIST_SERVE_BATCHING=false mnist-serve
@@ -16,24 +16,22 @@ every admitted request is answered before the process exits.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import glob
 import importlib.metadata
 import logging
 import signal
-import sys
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from types import FrameType
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
+from starlette.routing import BaseRoute, Match, Mount
+from starlette.types import Scope
 
 from service.admission import QueueBudget, usable_cpus
 from service.batching import LARGE_REQUEST_IMAGES, InferenceRunner, MicroBatcher, UnbatchedRunner
@@ -41,8 +39,9 @@ from service.core import DataPlane, ServiceState
 from service.deps import StateDep
 from service.docs import install_docs
 from service.errors import register_error_handlers
+from service.fastpath import PredictFastPath
 from service.grpc_server import GrpcServer
-from service.logs import RequestLog, RpcLog, log_config
+from service.logs import RequestLog, RpcLog
 from service.memory import tune_malloc
 from service.metrics import ModelMetrics, ServiceMetrics
 from service.middleware import BodySizeLimit, RequestMetrics
@@ -52,16 +51,23 @@ from service.model import (
     LoadedModels,
     OnnxClassifier,
     load_repository,
-    model_paths,
 )
 from service.repository import ModelLoader, ModelRepository
 from service.routes import admin, health, predict, v2
 from service.schemas import BatchRequest, PredictRequest
-from service.settings import Settings, describe_settings
+from service.server import SHUTDOWN_STARTED
+from service.settings import Settings
 from service.tracing import NO_TRACING, Tracing
 from service.tracing import from_settings as tracing_from_settings
 
 log = logging.getLogger("service")
+
+
+def decode_threads(settings: Settings) -> int:
+    """Threads decoding images in this worker: the setting, else the usable CPUs shared among the workers."""
+    if settings.decode_threads:
+        return settings.decode_threads
+    return max(1, usable_cpus() // (settings.workers or usable_cpus()))
 
 
 def default_loader(settings: Settings) -> LoadedModels:
@@ -100,6 +106,25 @@ def make_runner(
             **common,
         )
     return UnbatchedRunner(classifier.run, **common)
+
+
+class WebPage(Mount):
+    """The web page's files at ``/``, for every path that is not one of the API's.
+
+    A plain mount at ``/`` matches every path, so it used to catch an API path asked with the wrong method (GET on
+    /v1/predict answered 404 from the file server, PUT a 405 claiming ``Allow: GET, HEAD``). This one steps aside
+    for any path an API route matches, whatever the method, and the router then answers 405 with the route's own
+    ``Allow``.
+    """
+
+    def __init__(self, files: StaticFiles, api: list[BaseRoute]) -> None:
+        super().__init__("/", app=files, name="web")
+        self._api = api
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        if any(route.matches(scope)[0] is not Match.NONE for route in self._api):
+            return Match.NONE, {}
+        return super().matches(scope)
 
 
 def _version() -> str:
@@ -151,6 +176,14 @@ async def _start_grpc(app: FastAPI) -> GrpcServer | None:
     return server
 
 
+def _out_of_time(state: ServiceState) -> None:
+    models = state.models
+    if models is not None and models.queue_depth:
+        log.warning("the drain ran out of time: answering 503 to the %d requests still waiting", models.queue_depth)
+    for served in models or ():
+        served.runner.fail_pending()
+
+
 def _lifespan(classifier: OnnxClassifier | None) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -164,10 +197,22 @@ def _lifespan(classifier: OnnxClassifier | None) -> Callable[[FastAPI], contextl
             loading: asyncio.Task[None] | None = None
         else:
             loading = asyncio.create_task(_bring_up(state, classifier), name="mnist-model-load")
+
+        def shutdown_started() -> None:
+            # SIGTERM: readiness turns 503 at once and gRPC starts its drain while uvicorn drains HTTP. What is still
+            # waiting for a model when the drain time is up gets 503, before uvicorn would cancel it (a 500).
+            state.draining = True
+            timeout = state.settings.shutdown_timeout_s
+            if grpc_server is not None:  # awaited again below: stop() is idempotent
+                app.state.grpc_draining = asyncio.ensure_future(grpc_server.stop(timeout))
+            asyncio.get_running_loop().call_later(timeout, _out_of_time, state)
+
+        SHUTDOWN_STARTED.append(shutdown_started)
         try:
             with _reload_on_sighup(state.repository):
                 yield
         finally:
+            SHUTDOWN_STARTED.remove(shutdown_started)
             if grpc_server is not None:  # refuse new RPCs; those running finish while the batchers still run
                 await grpc_server.stop(state.settings.shutdown_timeout_s)
             state.stopping = True
@@ -176,6 +221,7 @@ def _lifespan(classifier: OnnxClassifier | None) -> Callable[[FastAPI], contextl
                 with contextlib.suppress(asyncio.CancelledError):
                     await loading
             await state.repository.stop(state.settings.shutdown_timeout_s)
+            app.state.plane.close()
             await asyncio.to_thread(app.state.tracing.shutdown)  # sends the spans still buffered
             if state.models is not None:
                 log.info("drained the inference queue")
@@ -240,7 +286,7 @@ def create_app(
     repository = ModelRepository(settings, metrics, loader, runner_for)
     state = ServiceState(settings=settings, metrics=metrics, repository=repository)
     app.state.service = state
-    app.state.plane = DataPlane(state, tracing=tracing)
+    app.state.plane = DataPlane(state, decode_threads=decode_threads(settings), tracing=tracing)
     app.state.tracing = tracing
     register_error_handlers(app)
     app.include_router(health.router)
@@ -264,9 +310,14 @@ def create_app(
     # routes so that those always win.
     web_dir = settings.resolved_web_dir()
     if web_dir is not None:
-        app.mount("/", StaticFiles(directory=web_dir, html=True), name="web")
+        api = [route for route in app.router.routes if isinstance(route, BaseRoute)]
+        app.router.routes.append(WebPage(StaticFiles(directory=web_dir, html=True), api))
     # Last added runs first: the metrics see every answer, including the body limit's early 413s.
-    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
+    # Innermost: the JSON /v1/predict fast path, inside every limit, metric and log below.
+    app.add_middleware(PredictFastPath, get_plane=lambda: app.state.plane)
+    app.add_middleware(
+        BodySizeLimit, max_body_bytes=settings.max_body_bytes, max_inflight_bytes=settings.max_inflight_body_bytes
+    )
     app.add_middleware(RequestMetrics, metrics=metrics, known_paths=known_paths)
     # Outside every middleware that answers: each answer carries the request id and is logged (service.logs).
     app.add_middleware(RequestLog, known_paths=known_paths, enabled=settings.access_log, probes=settings.log_probes)
@@ -284,61 +335,11 @@ def app_from_env() -> FastAPI:
     return create_app(Settings())
 
 
-def _stop(signum: int, _frame: FrameType | None) -> None:
-    raise SystemExit(0)
-
-
-def _exit_zero_on_stop_signals() -> None:
-    """Make SIGTERM/SIGINT end the process with status 0 once uvicorn has shut down gracefully.
-
-    uvicorn installs its own handlers while it serves (stop accepting, finish in-flight requests, run the lifespan
-    shutdown that drains the batcher), then restores the previous handlers and re-raises the signal so the
-    default action happens. The default for SIGTERM is death by signal (status -15), which process managers
-    report as a crash; the shutdown was orderly, so the handler found then exits with 0.
-    """
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, _stop)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """``mnist-serve``: serve the model over HTTP with uvicorn (settings from MNIST_SERVE_* variables)."""
-    parser = argparse.ArgumentParser(
-        prog="mnist-serve",
-        description="Serve the MNIST digit classifier over HTTP. Configure it with environment variables:",
-        epilog=describe_settings(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.parse_args(argv)
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        print(f"mnist-serve: invalid settings:\n{exc}", file=sys.stderr)
-        return 2
-    model_dir = settings.resolved_model_dir()
-    flat = model_paths(model_dir, settings.model_name)
-    versioned = list(model_dir.glob(f"{glob.escape(settings.model_name)}/*/*.onnx"))
-    if not versioned and not all(p.is_file() for p in flat):
-        wanted = f"{flat[0]} + {flat[1].name}, or {model_dir / settings.model_name}/<version>/"
-        print(f"mnist-serve: model files not found: {wanted} (see MNIST_SERVE_MODEL_DIR)", file=sys.stderr)
-        return 2
+    """``mnist-serve``: see :func:`service.server.main` (kept here for ``python -m service.main``)."""
+    from service.server import main as serve
 
-    import uvicorn
-
-    _exit_zero_on_stop_signals()
-    level = "debug" if settings.log_level == "trace" else settings.log_level
-    uvicorn.run(
-        "service.main:app_from_env",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        log_level=settings.log_level,
-        log_config=log_config(level, settings.log_format),
-        access_log=False,  # the request log (service.logs) replaces uvicorn's
-        timeout_graceful_shutdown=int(max(1, round(settings.shutdown_timeout_s))),
-        server_header=False,
-    )
-    return 0
+    return serve(argv)
 
 
 if __name__ == "__main__":

@@ -10,26 +10,37 @@ import json
 import time
 from collections.abc import Collection
 
-from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import ServiceError, error_body, is_protocol_path
+from service.admission import BodyBudget
+from service.errors import Overloaded, PayloadTooLarge, ServiceError, error_body, is_protocol_path
 from service.metrics import ServiceMetrics
 
 
-class BodyTooLarge(HTTPException):
-    """Raised from ``receive`` once a streamed body passes the cap (an HTTPException so FastAPI passes it on)."""
+class BodyTooLarge(PayloadTooLarge):
+    """Raised from ``receive`` once a streamed body passes the cap (a domain error: every handler answers it)."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(413, f"the request body is larger than the {limit} bytes allowed")
+        super().__init__(f"the request body is larger than the {limit} bytes allowed")
+
+    @property
+    def detail(self) -> str:
+        return self.message
 
 
 class BodySizeLimit:
-    """413 when Content-Length says the body is too big (nothing read), or as soon as a streamed body passes it."""
+    """The body limits, before the app reads a byte of it.
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    - 413 when Content-Length says the body is too big (nothing read), or as soon as a streamed body passes it;
+    - 503 (Retry-After) when this worker already holds ``max_inflight_bytes`` of request bodies: the request's
+      declared length is taken from the shared :class:`~service.admission.BodyBudget` up front (streamed bodies
+      take theirs chunk by chunk) and given back when it is answered.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, max_inflight_bytes: int | None = None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.budget = BodyBudget(max_inflight_bytes if max_inflight_bytes is not None else 1 << 62)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -45,17 +56,32 @@ class BodySizeLimit:
             return
         received = 0
         limit = self.max_body_bytes
+        budget = self.budget
+        taken = declared or 0
+        try:
+            budget.take(taken)
+        except Overloaded as busy:
+            # Not "connection: close": the server reads and drops the body it did not want, so that the client,
+            # still sending it, gets to read this answer (closing on unread data resets the connection).
+            await _send_error(scope, send, 503, busy.code, busy.message, protocol, busy.headers, close=False)
+            return
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, taken
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise BodyTooLarge(limit)
+                if received > taken:  # no (or a false) Content-Length: take the chunks as they come
+                    budget.take(received - taken)
+                    taken = received
             return message
 
-        await self.app(scope, limited_receive, send)
+        try:
+            await self.app(scope, limited_receive, send)
+        finally:
+            budget.give_back(taken)
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -68,21 +94,26 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _send_error(scope: Scope, send: Send, status: int, code: str, message: str, protocol: bool = False) -> None:
+async def _send_error(
+    scope: Scope,
+    send: Send,
+    status: int,
+    code: str,
+    message: str,
+    protocol: bool = False,
+    extra: dict[str, str] | None = None,
+    close: bool = True,
+) -> None:
     # /v2 speaks the Open Inference Protocol, whose error body is {"error": "message"}.
     document = {"error": message} if protocol else error_body(ServiceError(message, code=code), scope)
     body = json.dumps(document).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *([(b"connection", b"close")] if close else []),
+        *((k.lower().encode(), v.encode()) for k, v in (extra or {}).items()),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 

@@ -16,6 +16,8 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "MNIST_SERVE_"
+#: Set by the supervisor in each worker it starts (several workers): the supervisor's pid, which SIGHUP reaches.
+SUPERVISOR_ENV = "MNIST_SERVE_SUPERVISOR_PID"
 
 #: The repository (or installed package parent) root: where ``models/`` lives in a checkout.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

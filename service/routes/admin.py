@@ -8,6 +8,9 @@ let anyone make the service re-read its disk. ``kill -HUP <pid>`` does the same 
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
@@ -17,6 +20,7 @@ from service.deps import StateDep, require_api_key
 from service.errors import AdminDisabled, ReloadFailed
 from service.model import ModelLoadError
 from service.schemas import ModelRef, error_responses
+from service.settings import SUPERVISOR_ENV
 
 
 async def require_admin_key(state: StateDep) -> None:
@@ -56,15 +60,31 @@ async def reload(state: StateDep) -> ReloadResponse:
     """Load every model in the model directory, verify and warm them up, swap the new set in, then drain the old
     set's batchers once the requests already using them are answered. On failure nothing changes and the answer
     says why (500 `reload_failed`)."""
-    try:
-        result = await state.repository.reload()
-    except ModelLoadError as exc:
-        raise ReloadFailed(f"reload failed, the previous models go on serving: {exc}") from None
-    except Exception as exc:
-        raise ReloadFailed(f"reload failed, the previous models go on serving: {type(exc).__name__}: {exc}") from None
-    models = result.models
+    repository = state.repository
+    supervisor = os.environ.get(SUPERVISOR_ENV)
+    started = time.perf_counter()
+    if supervisor:
+        # Several workers: the supervisor passes SIGHUP to every one of them (this one included), and each reloads
+        # its own models; this worker answers with the outcome of its own reload, the one after this call.
+        before = repository.reloads_done
+        os.kill(int(supervisor), signal.SIGHUP)
+        try:
+            await repository.wait_for_reload(before, state.settings.shutdown_timeout_s + 60)
+        except TimeoutError:
+            raise ReloadFailed("the reload did not finish in time; the previous models go on serving") from None
+        if repository.last_reload_error is not None:
+            raise ReloadFailed(f"reload failed, the previous models go on serving: {repository.last_reload_error}")
+        models = state.ready_models()
+    else:
+        try:
+            models = (await repository.reload()).models
+        except ModelLoadError as exc:
+            raise ReloadFailed(f"reload failed, the previous models go on serving: {exc}") from None
+        except Exception as exc:
+            message = f"{type(exc).__name__}: {exc}"
+            raise ReloadFailed(f"reload failed, the previous models go on serving: {message}") from None
     return ReloadResponse(
         models=[ModelRef(name=m.name, version=m.version) for m in models],
         default=ModelRef(name=models.default.name, version=models.default.version),
-        seconds=round(result.seconds, 4),
+        seconds=round(time.perf_counter() - started, 4),
     )

@@ -24,8 +24,8 @@ async def readyz(state: StateDep) -> Health | JSONResponse:
     """Ready: the model is loaded and warmed up and the batcher runs; else 503 with Retry-After."""
     if state.load_error is not None:
         return error_response(ModelLoadFailed(state.load_error))
-    if not state.ready or state.classifier is None:
-        message = "shutting down" if state.stopping else "the model is not loaded yet"
+    if not state.ready or state.classifier is None or state.draining:
+        message = "shutting down" if state.stopping or state.draining else "the model is not loaded yet"
         return error_response(ModelNotReady(message))
     return Health(status="ready", model=ModelRef(name=state.classifier.name, version=state.classifier.version))
 

@@ -25,6 +25,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from service import protocol
+from service.admission import JsonBudget
 from service.body import read_body
 from service.core import DataPlane, request_info
 from service.deps import PlaneDep, StateDep, require_api_key
@@ -75,7 +76,7 @@ async def server_live() -> Response:
 @router.get("/health/ready", summary="Server ready", response_class=Response)
 async def server_ready(state: StateDep) -> Response:
     """200 when every model is loaded, warmed up and its batcher runs; else 400, as the protocol says."""
-    return _empty(200 if state.ready else 400)
+    return _empty(200 if state.ready and not state.draining else 400)
 
 
 def _model_ready(state: StateDep, name: str, version: str | None) -> Response:
@@ -128,7 +129,7 @@ async def _infer(request: Request, plane: DataPlane, name: str, version: str | N
     served = plane.resolve(name, version)  # 404 / 503 before the body is read
     max_images = plane.settings.max_batch_items
     with plane.tracing.span("decode"):
-        body = await read_body(request, None)  # the JSON budget is checked on the header, once it is split off
+        body = await read_body(request, _json_budget(request, max_images))
         parse = functools.partial(
             parse_infer_request,
             body,
@@ -142,6 +143,16 @@ async def _infer(request: Request, plane: DataPlane, name: str, version: str | N
     content, headers = encode_infer_response(answer, parsed.id, parsed.outputs)
     media_type = headers.pop("content-type")
     return Response(content, media_type=media_type, headers=headers)
+
+
+def _json_budget(request: Request, max_images: int) -> JsonBudget:
+    """The structure budget, counted as the body arrives: on the whole body, or on the JSON header before the
+    binary tensors when Inference-Header-Content-Length says where it ends."""
+    budget = JsonBudget.for_tensor(max_images)
+    header_length = request.headers.get(HEADER_LENGTH)
+    if header_length is not None and header_length.isdigit():
+        budget.only_first = int(header_length)
+    return budget
 
 
 _INFER_DOC: dict[str, Any] = {

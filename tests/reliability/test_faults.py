@@ -89,6 +89,7 @@ def test_sigterm_with_real_inference_queued_answers_every_request(live_server: S
     # all ten: several seconds of model time queued behind a busy model.
     # One onnxruntime thread, so that the model stays the bottleneck while the bodies are parsed.
     env = {"MNIST_SERVE_MAX_QUEUE_WAIT_MS": "120000", "MNIST_SERVE_MAX_QUEUE_IMAGES": "20000"}
+    env["MNIST_SERVE_SHUTDOWN_TIMEOUT_S"] = "120"  # completeness is the point here, however slow the machine
     server = live_server(env={**env, "MNIST_SERVE_LARGE_REQUEST_THREADS": "1"})
     x, y = mnist_test
     count, size = 10, 1000

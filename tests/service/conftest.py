@@ -162,6 +162,9 @@ def spawn_server(log_path: Path, env: dict[str, str] | None = None, cwd: Path | 
             # Never the shared default (8081): servers of parallel tests would share it through SO_REUSEPORT.
             "MNIST_SERVE_GRPC_PORT": str(free_port()),
             "MNIST_SERVE_ACCESS_LOG": "false",
+            # One worker unless a test asks for more (tests/service/test_server.py): batching, queue-depth and
+            # reload tests look at one process's batcher.
+            "MNIST_SERVE_WORKERS": "1",
         }
     )
     server_env.update(env or {})

@@ -470,3 +470,16 @@ def test_web_page_hook_serves_static_files_after_the_api(make_client: ClientFact
     assert client.get("/healthz").json() == {"status": "ok"}  # API routes still win
     assert client.get("/v1/models").status_code == 200
     assert error_of(client.get("/v1/nope.js"), 404)["code"] == "not_found"
+
+
+def test_the_web_page_does_not_hide_the_api_methods(make_client: ClientFactory) -> None:
+    """With the page mounted at /, a GET on a POST route answered 404 and a PUT a 405 claiming Allow: GET, HEAD."""
+    client = make_client(web_dir=None)  # the bundled page
+    assert client.get("/").status_code == 200 and "text/html" in client.get("/").headers["content-type"]
+    for method in ("GET", "PUT", "DELETE"):
+        response = client.request(method, "/v1/predict")
+        assert response.status_code == 405, (method, response.text)
+        assert response.headers["allow"] == "POST" and response.json()["error"]["code"] == "method_not_allowed"
+    assert client.get("/v2/models/mnist-cnn/infer").status_code == 405
+    assert client.get("/app.js").status_code == 200
+    assert client.get("/no-such-file.js").status_code == 404

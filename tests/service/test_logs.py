@@ -332,7 +332,7 @@ def test_the_server_writes_json_lines_only(live_server: Callable[..., Any]) -> N
         try:
             parsed.append(json.loads(line))
         except ValueError:
-            pytest.fail(f"not a JSON line (the server's log config is not service.logs.log_config): {line!r}")
+            pytest.fail(f"not a JSON line (the server's log config is not service.logformat.log_config): {line!r}")
     requests = [p for p in parsed if p["logger"] == REQUEST_LOGGER]
     assert [(p["route"], p["status"], p["request_id"]) for p in requests] == [("/v1/predict", 200, "live-1")]
     assert any(p["logger"].startswith("uvicorn") for p in parsed)  # uvicorn's own lines, same format
