@@ -483,3 +483,21 @@ def test_the_web_page_does_not_hide_the_api_methods(make_client: ClientFactory) 
     assert client.get("/v2/models/mnist-cnn/infer").status_code == 405
     assert client.get("/app.js").status_code == 200
     assert client.get("/no-such-file.js").status_code == 404
+
+
+def test_compressed_bodies_are_415_not_invalid_json(client: TestClient) -> None:
+    import gzip
+    import json as _json
+
+    body = gzip.compress(_json.dumps({"pixels": [[0] * 28] * 28}).encode())
+    for path in ("/v1/predict", "/v1/predict/batch"):
+        response = client.post(
+            path, content=body, headers={"content-type": "application/json", "content-encoding": "gzip"}
+        )
+        assert error_of(response, 415)["code"] == "unsupported_encoding", path
+    v2 = client.post(
+        "/v2/models/mnist-cnn/infer",
+        content=body,
+        headers={"content-type": "application/json", "content-encoding": "gzip"},
+    )
+    assert v2.status_code == 415 and "Content-Encoding" in v2.json()["error"]

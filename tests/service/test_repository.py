@@ -442,3 +442,43 @@ def test_a_slow_upload_does_not_hold_up_a_reload(live_server: StartServer, repo:
     result = json.loads(payload)
     assert result["digit"] == y[0] and result["model"]["version"] == "11.0.0"
     assert server.stop() == 0
+
+
+def test_a_shutdown_during_a_slow_reload_leaves_no_batcher_running(classifier: OnnxClassifier) -> None:
+    """The reload finishing after shutdown began used to swap in a started set that nobody would ever stop."""
+    from service.batching import MicroBatcher as Batcher
+    from service.repository import ModelRepository
+    from service.settings import Settings
+
+    release = __import__("threading").Event()
+    started: list[Batcher] = []
+
+    def slow_loader(_settings: object) -> list[OnnxClassifier]:
+        release.wait(10)
+        return [classifier]
+
+    def runner_for(model: OnnxClassifier, metrics: Any) -> Batcher:
+        runner = Batcher(model.run, max_wait_s=0)
+        started.append(runner)
+        return runner
+
+    async def scenario() -> None:
+        settings = Settings(model_name=classifier.name, shutdown_timeout_s=0.5)
+        repository = ModelRepository(settings, ServiceMetrics(), slow_loader, runner_for)
+        await repository.start([classifier])
+        first = repository.current
+        reload = asyncio.create_task(repository.reload())
+        await asyncio.sleep(0.05)  # the reload is loading
+        stopping = asyncio.create_task(repository.stop(0.5))
+        await asyncio.sleep(0.2)
+        release.set()  # the load finishes while shutdown is under way
+        await stopping
+        with pytest.raises((ModelNotReady, asyncio.CancelledError)):
+            await reload
+        assert repository.current is first  # nothing was swapped in after shutdown began
+        images = np.zeros((1, 28, 28, 1), dtype=np.float32)
+        for runner in started:  # every batcher started, the old set's and any the reload made, is stopped
+            with pytest.raises(ModelNotReady):
+                await runner.predict(images)
+
+    asyncio.run(scenario())
