@@ -107,12 +107,12 @@ lock: | $(BIN)/python
 proto: $(VENV)/.dev
 	$(BIN)/python scripts/gen_proto.py
 
-## bench: the latency/throughput table against the in-process limit (README: Performance)
-# Load comes from wrk, which it installs from Debian when it can (root with apt-get), else from bench/loadgen.py.
+## bench: the service against in-process onnxruntime and a naive endpoint, in one run (docs/performance.md)
+# Load comes from wrk, which it installs from Debian when it can (root with apt-get); without wrk it stops and says so.
 bench: $(VENV)/.dev
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  (apt-get install -y -qq wrk >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null)); } || \
-	  echo "wrk is not installed: load comes from bench/loadgen.py (httpx)"
+	  echo "wrk is not installed: install it (Debian: apt-get install wrk) to run the benchmark"
 	$(BIN)/python -m bench.run
 
 ## clean: remove training runs, caches and test artifacts (not .venv)
