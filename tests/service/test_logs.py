@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -306,6 +307,10 @@ def test_grpc_calls_get_the_same_line(make_client: ClientFactory, logs: Captured
         stub.ModelInfer(request, metadata=[("x-request-id", "grpc-call-1")])
         with pytest.raises(grpc.RpcError):
             stub.ModelInfer(service_pb2.ModelInferRequest(model_name="nope"), metadata=[("x-request-id", "bad id")])
+    # A failed call's line is written once its status is sent: the client can see the error first.
+    deadline = time.monotonic() + 5
+    while len(logs.requests()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
     ok, missing = logs.requests()
     assert list(ok) == REQUEST_KEYS
     assert (ok["message"], ok["method"], ok["route"], ok["status"]) == (f"GRPC {infer} OK", "GRPC", infer, 200)
