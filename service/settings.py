@@ -149,7 +149,7 @@ class Settings(BaseSettings):
     """An idle keep-alive connection is closed after this long."""
 
     shutdown_timeout_s: float = Field(default=10.0, gt=0.0, le=600.0)
-    """On SIGTERM, how long in-flight requests get to finish before they are cancelled, in seconds."""
+    """On SIGTERM, how long admitted requests get to finish, in seconds; those still waiting then get 503."""
 
     web_dir: Path | None = None
     """Static web page served at / (default: service/web when it holds an index.html)."""
@@ -188,5 +188,5 @@ def describe_settings() -> str:
     for name, field in Settings.model_fields.items():
         default = field.default
         shown = "unset" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
-        lines.append(f"  {ENV_PREFIX}{name.upper():<20} {shown:<12} {field.description or ''}")
+        lines.append(f"  {ENV_PREFIX}{name.upper():<25} {shown:<12} {field.description or ''}")
     return "\n".join(lines)
