@@ -75,9 +75,10 @@ class PredictFastPath:
         model, version = query.get("model"), query.get("version")
         plane.resolve(model, version)  # 404 / 503 before the body is read
         check_encoding(headers.get(b"content-encoding", b"").decode("latin-1"))
-        body = await _read(receive, json_budget(plane.settings, batch=False))
-        images, body_top_k, body_return_image = await json_images(body, plane, batch=False)
-        del body
+        with plane.tracing.span("decode"):
+            body = await _read(receive, json_budget(plane.settings, batch=False))
+            images, body_top_k, body_return_image = await json_images(body, plane, batch=False)
+            del body
         top_k = body_top_k if body_top_k is not None else query.get("top_k")
         return_image = body_return_image if body_return_image is not None else query.get("return_image")
         answer = await plane.infer(model, version, images, request_info(scope))
