@@ -1,7 +1,9 @@
 # mnist-serve: FastAPI on onnxruntime, serving models/<name>.onnx. No TensorFlow in here.
 #
 #   docker build -t mnist-serve:local .
-#   docker run --rm -p 127.0.0.1:8000:8000 --read-only --tmpfs /tmp mnist-serve:local
+#   docker run --rm -p 127.0.0.1:8000:8000 -p 127.0.0.1:8081:8081 --read-only --tmpfs /tmp mnist-serve:local
+#
+# HTTP (/v1, /v2 REST, the probes, /metrics) on 8000; the Open Inference Protocol over gRPC on 8081.
 #
 # Two stages: the build stage resolves and installs `.[serve]` into a virtual environment; the runtime stage
 # copies only that environment and the model files onto a fresh base, so pip caches, build backends and the
@@ -47,7 +49,7 @@ RUN test -f README.md || echo "mnist-serve" > README.md \
 
 FROM python:3.11-slim AS runtime
 LABEL org.opencontainers.image.title="mnist-serve" \
-      org.opencontainers.image.description="Handwritten-digit recognition over HTTP: FastAPI on onnxruntime" \
+      org.opencontainers.image.description="Handwritten-digit recognition over HTTP and gRPC: FastAPI on onnxruntime" \
       org.opencontainers.image.licenses="MIT"
 # A fixed numeric uid/gid, so Kubernetes' runAsNonRoot can verify it and volumes can be chowned to it.
 RUN groupadd --system --gid 10001 mnist \
@@ -61,9 +63,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     MNIST_SERVE_HOST=0.0.0.0 \
     MNIST_SERVE_PORT=8000 \
+    MNIST_SERVE_GRPC_PORT=8081 \
     MNIST_SERVE_MODEL_DIR=/app/models
 USER 10001:10001
-EXPOSE 8000
+EXPOSE 8000 8081
 # Slim images carry no curl; the interpreter that is already here does the probe. Ready means loaded and warmed.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('MNIST_SERVE_PORT', '8000'), timeout=2)"]

@@ -17,7 +17,19 @@ from typing import Any
 
 import pytest
 import yaml
-from deploy_helpers import COMPOSE_FILE, PROMETHEUS_CONFIG, ROOT, find_tool, run, setting_names
+from deploy_helpers import (
+    COMPOSE_FILE,
+    PROMETHEUS_CONFIG,
+    ROOT,
+    compose_bytes,
+    find_tool,
+    image_env,
+    ordered_setting_names,
+    peak_memory_bytes,
+    run,
+    setting_names,
+    workers_under,
+)
 
 GRAFANA = ROOT / "deploy" / "grafana"
 
@@ -30,7 +42,10 @@ def test_services_and_published_ports(compose: dict[str, Any]) -> None:
     assert set(services(compose)) == {"mnist-serve", "prometheus", "grafana"}
     serve = services(compose)["mnist-serve"]
     assert serve["build"]["context"] == "."
-    assert serve["ports"] == ["${BIND_ADDRESS:-127.0.0.1}:${MNIST_SERVE_PUBLISHED_PORT:-8000}:8000"]
+    assert serve["ports"] == [
+        "${BIND_ADDRESS:-127.0.0.1}:${MNIST_SERVE_PUBLISHED_PORT:-8000}:8000",
+        "${BIND_ADDRESS:-127.0.0.1}:${MNIST_SERVE_GRPC_PUBLISHED_PORT:-8081}:8081",
+    ]
     prometheus = services(compose)["prometheus"]
     assert prometheus["ports"] == ["${BIND_ADDRESS:-127.0.0.1}:${PROMETHEUS_PUBLISHED_PORT:-9090}:9090"]
     assert services(compose)["grafana"]["ports"] == ["${BIND_ADDRESS:-127.0.0.1}:3000:3000"]
@@ -63,9 +78,34 @@ def test_environment_passes_settings_through_without_restating_defaults(compose:
     unknown = set(env) - setting_names()
     assert not unknown, f"the service reads no such settings: {sorted(unknown)}"
     # Every setting, except where the image listens and keeps its models (fixed by the Dockerfile), the worker
-    # count (one process per container, so a scrape sees all its metrics) and the bundled web page's path.
+    # count (one per CPU of the limit, which the memory limit is sized for: test_memory_limit_holds_the_workers)
+    # and the bundled web page's path. The gRPC port passes through, so that 0 can turn gRPC off.
     fixed = {"HOST", "PORT", "MODEL_DIR", "WORKERS", "WEB_DIR"}
     assert set(env) == setting_names() - {f"MNIST_SERVE_{name}" for name in fixed}
+    # In the order `mnist-serve --help` lists them, so a missing one is easy to spot.
+    assert env == [name for name in ordered_setting_names() if name in env]
+
+
+def test_published_ports_are_where_the_image_listens(compose: dict[str, Any]) -> None:
+    env = image_env()
+    container_ports = [port.rsplit(":", 1)[1] for port in services(compose)["mnist-serve"]["ports"]]
+    assert container_ports == [env["MNIST_SERVE_PORT"], env["MNIST_SERVE_GRPC_PORT"]]
+    healthcheck = " ".join(services(compose)["mnist-serve"]["healthcheck"]["test"])
+    assert f"127.0.0.1:{env['MNIST_SERVE_PORT']}/" in healthcheck
+
+
+def test_memory_limit_holds_the_workers_the_cpu_limit_starts(compose: dict[str, Any]) -> None:
+    serve = services(compose)["mnist-serve"]
+    limits = serve["deploy"]["resources"]["limits"]
+    cpus = float(limits["cpus"])
+    # WORKERS is not passed through: the default, one worker per usable CPU, reads the container's CPU quota.
+    workers = workers_under(None, cpus)
+    assert workers == 1
+    tmp = next(t for t in serve["tmpfs"] if t.startswith("/tmp:"))
+    size = re.search(r"size=(\w+)", tmp)
+    assert size, "the in-memory /tmp counts against the limit: give it a size"
+    needed = peak_memory_bytes(workers, compose_bytes(size[1]))
+    assert compose_bytes(limits["memory"]) >= needed, (limits, workers, needed / 1e6)
 
 
 def test_prometheus_scrapes_the_service_by_its_compose_name(compose: dict[str, Any]) -> None:

@@ -135,6 +135,7 @@ def stack(docker: str, request: pytest.FixtureRequest) -> Iterator[Stack]:
     env |= {
         "MNIST_SERVE_IMAGE": IMAGE,
         "MNIST_SERVE_PUBLISHED_PORT": str(free_port(8000)),
+        "MNIST_SERVE_GRPC_PUBLISHED_PORT": str(free_port(8081)),
         "PROMETHEUS_PUBLISHED_PORT": str(free_port(9090)),
         # podman builds OCI images by default, which drop HEALTHCHECK; Docker ignores this variable.
         "BUILDAH_FORMAT": "docker",
@@ -191,6 +192,21 @@ def test_predicts_real_mnist_digits_through_the_published_port(ready: Stack) -> 
     ready.report["mnist_test_digits_correct"] = f"{correct}/{SAMPLES}"
     # The shipped model is ~99 % accurate; one miss in ten is already suspicious, two is a broken image.
     assert correct >= SAMPLES - 1
+
+
+def test_grpc_answers_through_its_published_port(ready: Stack) -> None:
+    import grpc
+
+    from service.grpc_gen import grpc_predict_v2_pb2 as pb
+    from service.grpc_gen import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    address = f"127.0.0.1:{ready.env['MNIST_SERVE_GRPC_PUBLISHED_PORT']}"
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
+        metadata = stub.ModelMetadata(pb.ModelMetadataRequest(name="mnist-cnn"), timeout=10)
+    assert metadata.name == "mnist-cnn"
+    ready.report["grpc"] = {"address": address, "ready": True}
 
 
 def test_prometheus_scrapes_the_service_and_sees_it_up(ready: Stack) -> None:

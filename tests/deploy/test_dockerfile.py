@@ -8,19 +8,8 @@ from __future__ import annotations
 
 import re
 
-from deploy_helpers import DOCKERFILE, DOCKERIGNORE, ROOT, require_tool, run
-
-
-def instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
-    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
-    pairs = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            keyword, _, rest = line.partition(" ")
-            pairs.append((keyword.upper(), rest.strip()))
-    return pairs
+from deploy_helpers import DOCKERFILE, DOCKERIGNORE, ROOT, image_env, require_tool, run
+from deploy_helpers import dockerfile_instructions as instructions
 
 
 def final_stage() -> list[tuple[str, str]]:
@@ -87,11 +76,19 @@ def test_healthcheck_probes_readiness_without_curl() -> None:
 
 
 def test_listens_on_every_interface_and_serves_the_copied_models() -> None:
-    env = " ".join(args for keyword, args in final_stage() if keyword == "ENV")
-    assert "MNIST_SERVE_HOST=0.0.0.0" in env
-    assert "MNIST_SERVE_MODEL_DIR=/app/models" in env
+    env = image_env()
+    assert env["MNIST_SERVE_HOST"] == "0.0.0.0"
+    assert env["MNIST_SERVE_MODEL_DIR"] == "/app/models"
     assert ("CMD", '["mnist-serve"]') in final_stage()
-    assert ("EXPOSE", "8000") in final_stage()
+
+
+def test_exposes_http_and_grpc_where_the_service_listens() -> None:
+    env = image_env()
+    assert (env["MNIST_SERVE_PORT"], env["MNIST_SERVE_GRPC_PORT"]) == ("8000", "8081")
+    assert ("EXPOSE", f"{env['MNIST_SERVE_PORT']} {env['MNIST_SERVE_GRPC_PORT']}") in final_stage()
+    # The healthcheck asks the port the image sets.
+    (check,) = [args for keyword, args in final_stage() if keyword == "HEALTHCHECK"]
+    assert "MNIST_SERVE_PORT" in check
 
 
 def test_dockerignore_allows_only_what_the_image_needs() -> None:

@@ -8,12 +8,22 @@ from __future__ import annotations
 
 import re
 
-from deploy_helpers import DOCS, setting_names
+from deploy_helpers import DOCS, default_of, ordered_setting_names
+
+#: A row of the settings table: | `VARIABLE` | default | meaning |
+ROW = re.compile(r"^\| `(MNIST_SERVE_[A-Z0-9_]+)` \| ([^|]+) \| (.+) \|$", re.MULTILINE)
 
 
 def test_settings_table_lists_every_setting_and_nothing_else() -> None:
-    rows = re.findall(r"^\| `(MNIST_SERVE_[A-Z0-9_]+)` \|", DOCS.read_text(), re.MULTILINE)
-    assert sorted(rows) == sorted(setting_names())
+    rows = ROW.findall(DOCS.read_text())
+    # Every setting once, in the order `mnist-serve --help` lists them.
+    assert [name for name, _, _ in rows] == ordered_setting_names()
+    for name, default, meaning in rows:
+        # The service's own default, as --help shows it (a value the image sets may follow in brackets).
+        shown = default_of(name)
+        expected = "unset" if shown == "unset" else f"`{shown}`"
+        assert default == expected or default.startswith(f"{expected} (image: "), (name, default, expected)
+        assert len(meaning.strip()) > 10, name
 
 
 def test_names_the_commands_people_run() -> None:

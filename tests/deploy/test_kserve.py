@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import gzip
 import json
+import math
 from functools import cache
 from typing import Any
 
@@ -18,11 +19,20 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from deploy_helpers import KSERVE_DIR, ROOT, run, setting_names, validate_settings
+from deploy_helpers import (
+    KSERVE_DIR,
+    ROOT,
+    kubernetes_bytes,
+    kubernetes_cpus,
+    peak_memory_bytes,
+    rest_memory_bytes,
+    run,
+    setting_names,
+    validate_settings,
+    workers_under,
+)
 
 SCHEMAS = ROOT / "tests" / "deploy" / "kserve" / "kserve-crd-schemas.json.gz"
-#: Settings the manifests may set before the service knows them: the gRPC server's port lands with the server.
-PENDING_SETTINGS = {"MNIST_SERVE_GRPC_PORT"}
 
 
 @cache
@@ -126,9 +136,26 @@ def test_runtime_serves_the_open_inference_protocol_from_mnt_models(kserve: dict
 
 def test_runtime_settings_are_ones_the_service_accepts(kserve: dict[str, dict[str, Any]]) -> None:
     env = env_of(runtime_container(kserve))
-    unknown = set(env) - setting_names() - PENDING_SETTINGS
+    unknown = set(env) - setting_names()
     assert not unknown, f"the service reads no such settings: {sorted(unknown)}"
-    validate_settings({k: v for k, v in env.items() if k in setting_names()})
+    validate_settings(env)
+
+
+def test_runtime_memory_limit_holds_its_workers(kserve: dict[str, dict[str, Any]]) -> None:
+    container = runtime_container(kserve)
+    resources = container["resources"]
+    cpu_limit = kubernetes_cpus(resources["limits"]["cpu"])
+    env = env_of(container)
+    assert "MNIST_SERVE_WORKERS" in env, "set, so that the memory limit holds without a CPU limit too"
+    workers = workers_under(env["MNIST_SERVE_WORKERS"], cpu_limit)
+    assert 1 <= workers <= max(1, math.ceil(cpu_limit))
+    tmp = sum(
+        kubernetes_bytes(v["emptyDir"].get("sizeLimit", "0"))
+        for v in kserve["ServingRuntime"]["spec"]["volumes"]
+        if v.get("emptyDir", {}).get("medium") == "Memory"
+    )
+    assert kubernetes_bytes(resources["limits"]["memory"]) >= peak_memory_bytes(workers, tmp)
+    assert kubernetes_bytes(resources["requests"]["memory"]) >= rest_memory_bytes(workers)
 
 
 def test_runtime_container_is_hardened(kserve: dict[str, dict[str, Any]]) -> None:

@@ -6,12 +6,22 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import kubernetes_validate
 import pytest
 import yaml
-from deploy_helpers import K8S_DIR, setting_names, validate_settings
+from deploy_helpers import (
+    K8S_DIR,
+    kubernetes_bytes,
+    kubernetes_cpus,
+    peak_memory_bytes,
+    rest_memory_bytes,
+    setting_names,
+    validate_settings,
+    workers_under,
+)
 
 EXPECTED_KINDS = {
     "Namespace",
@@ -83,7 +93,8 @@ def test_namespace_enforces_the_restricted_pod_security_standard(by_kind: dict[s
 def test_probes_use_the_service_health_endpoints(by_kind: dict[str, dict[str, Any]]) -> None:
     c = container(by_kind)
     port_names = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert port_names == {"http": 8000}
+    assert port_names == {"http": 8000, "grpc": 8081}
+    # Probes stay on HTTP: readiness there covers the models gRPC serves (one process serves both).
     assert c["startupProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
@@ -115,8 +126,25 @@ def test_selectors_select_the_pods(by_kind: dict[str, dict[str, Any]]) -> None:
     assert selects(by_kind["Service"]["spec"]["selector"])
     assert selects(by_kind["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"])
     assert selects(by_kind["NetworkPolicy"]["spec"]["podSelector"]["matchLabels"])
-    service_port = by_kind["Service"]["spec"]["ports"][0]
-    assert service_port["targetPort"] == "http"
+    service_ports = {p["name"]: p for p in by_kind["Service"]["spec"]["ports"]}
+    assert {name: p["targetPort"] for name, p in service_ports.items()} == {"http": "http", "grpc": "grpc"}
+
+
+def test_grpc_is_served_declared_and_admitted(by_kind: dict[str, dict[str, Any]]) -> None:
+    ports = {p["name"]: p["containerPort"] for p in container(by_kind)["ports"]}
+    settings = by_kind["ConfigMap"]["data"]
+    # The service listens where the container ports say.
+    assert int(settings["MNIST_SERVE_PORT"]) == ports["http"]
+    assert int(settings["MNIST_SERVE_GRPC_PORT"]) == ports["grpc"]
+    # The Service tells ingress controllers and meshes that the port speaks HTTP/2 without TLS.
+    grpc = next(p for p in by_kind["Service"]["spec"]["ports"] if p["name"] == "grpc")
+    assert grpc["appProtocol"] == "kubernetes.io/h2c"
+    assert grpc["protocol"] == "TCP"
+    assert "appProtocol" not in next(p for p in by_kind["Service"]["spec"]["ports"] if p["name"] == "http")
+    # The NetworkPolicy lets both in (and nothing out).
+    (rule,) = by_kind["NetworkPolicy"]["spec"]["ingress"]
+    assert {(p["port"], p["protocol"]) for p in rule["ports"]} == {("http", "TCP"), ("grpc", "TCP")}
+    assert by_kind["NetworkPolicy"]["spec"]["egress"] == []
 
 
 def test_prometheus_scrape_annotations(by_kind: dict[str, dict[str, Any]]) -> None:
@@ -124,6 +152,38 @@ def test_prometheus_scrape_annotations(by_kind: dict[str, dict[str, Any]]) -> No
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/port"] == "8000"
     assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def pod_workers_and_limits(
+    settings: dict[str, str], serving: dict[str, Any], pod: dict[str, Any]
+) -> tuple[int, dict[str, Any], float]:
+    """(the workers the pod starts, its container's resources, the bytes its in-memory volumes may hold)."""
+    resources = serving["resources"]
+    cpu_limit = kubernetes_cpus(resources["limits"]["cpu"])
+    workers = workers_under(settings.get("MNIST_SERVE_WORKERS"), cpu_limit)
+    tmp = sum(
+        kubernetes_bytes(v["emptyDir"].get("sizeLimit", "0"))
+        for v in pod["volumes"]
+        if v.get("emptyDir", {}).get("medium") == "Memory"
+    )
+    return workers, resources, tmp
+
+
+@pytest.mark.parametrize("rendered", ["base", "example overlay"])
+def test_memory_limit_holds_the_workers_the_cpu_limit_pays_for(
+    by_kind: dict[str, dict[str, Any]], overlay: dict[str, dict[str, Any]], rendered: str
+) -> None:
+    kinds = by_kind if rendered == "base" else overlay
+    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    (serving,) = pod["containers"]
+    workers, resources, tmp = pod_workers_and_limits(kinds["ConfigMap"]["data"], serving, pod)
+    cpu_limit = kubernetes_cpus(resources["limits"]["cpu"])
+    # The worker count is set, not left to the default: without a CPU limit the default counts the node's CPUs.
+    assert "MNIST_SERVE_WORKERS" in kinds["ConfigMap"]["data"]
+    assert 1 <= workers <= max(1, math.ceil(cpu_limit)), "more workers than the CPUs the limit pays for"
+    needed = peak_memory_bytes(workers, tmp)
+    assert kubernetes_bytes(resources["limits"]["memory"]) >= needed, (workers, needed / 1e6)
+    assert kubernetes_bytes(resources["requests"]["memory"]) >= rest_memory_bytes(workers)
 
 
 def test_configmap_holds_settings_the_service_accepts(by_kind: dict[str, dict[str, Any]]) -> None:
