@@ -1,5 +1,6 @@
-// The draw/upload page: a drawing pad and a file picker feed POST v1/predict; the answer, the probability of
-// every digit and the 28×28 image the model saw are shown next to the model card from GET v1/models.
+// The draw/upload page: a drawing pad and a file picker feed POST v1/predict; the answer (what its verdict
+// means: a digit, "not sure: 4 or 9?", or "not a digit"), the probability of every digit and the 28×28 image
+// the model saw are shown next to the model card from GET v1/models.
 // Plain modern JS, no build step, no third-party code. URLs are relative so the page also works behind a
 // path prefix.
 "use strict";
@@ -16,9 +17,11 @@ const els = {
   pad: $("pad"), placeholder: $("pad-placeholder"), clear: $("clear-button"), predict: $("predict-button"),
   dropZone: $("drop-zone"), fileInput: $("file-input"), fileName: $("file-name"), preview: $("upload-preview"),
   result: $("result"), digit: $("result-digit"), confidence: $("result-confidence"), summary: $("result-summary"),
+  headline: $("result-headline"), detail: $("result-detail"), confidenceLine: $("confidence-line"),
   bars: $("bars"), seen: $("seen"), error: $("error"),
   keyForm: $("api-key-form"), keyInput: $("api-key-input"),
   modelName: $("model-name"), modelVersion: $("model-version"), modelAccuracy: $("model-accuracy"),
+  modelTrustRow: $("model-trust-row"), modelTrust: $("model-trust"), modelTrustHint: $("model-trust-hint"),
 };
 
 // ---------------------------------------------------------------------------------------------------------
@@ -308,53 +311,119 @@ function buildBars() {
   }
 }
 
-function showBars(probabilities) {
-  const best = probabilities.indexOf(Math.max(...probabilities));
+// `marked`: the digits the answer names (the best one, or the two an unsure answer hesitates between; none
+// for an image that is not a digit), drawn in the accent colour and in bold.
+function showBars(probabilities, marked) {
   els.bars.querySelectorAll(".bar").forEach((li, d) => {
     const p = probabilities[d] ?? 0;
     li.querySelector(".bar-fill").style.width = `${Math.max(0, Math.min(1, p)) * 100}%`;
     li.querySelector(".bar-value").textContent = percent(p);
-    li.classList.toggle("best", d === best);
+    li.classList.toggle("best", d === marked[0]);
+    li.classList.toggle("candidate", marked.includes(d));
     li.setAttribute("aria-label", `${d}: ${percent(p)}`);
   });
+}
+
+// The summary is the live region: a headline for the answers that need one, then a sentence.
+function setSummary(headline, detail) {
+  els.headline.textContent = headline ?? "";
+  els.headline.hidden = !headline;
+  els.detail.textContent = detail;
+}
+
+function clearVerdict() {
+  delete els.result.dataset.verdict;
+  els.confidenceLine.hidden = false;
 }
 
 function showIdle(message = "Draw a digit or choose a photo to see what the model reads.") {
   requestSeq++;
   inFlight?.abort();
   setState("idle");
+  clearVerdict();
   els.digit.textContent = "–";
   els.confidence.textContent = "–";
-  els.summary.textContent = message;
+  setSummary(null, message);
   els.error.hidden = true;
   els.bars.querySelectorAll(".bar").forEach((li) => {
     li.querySelector(".bar-fill").style.width = "0";
     li.querySelector(".bar-value").textContent = "–";
-    li.classList.remove("best");
+    li.classList.remove("best", "candidate");
     li.removeAttribute("aria-label");
   });
   clearSeen();
+}
+
+const VERDICTS = ["digit", "unsure", "not_a_digit"];
+
+// The two most likely digits with their probabilities: from top_k when the service sent it, else from the
+// probabilities.
+function topTwo(body, probabilities) {
+  const listed = Array.isArray(body.top_k)
+    ? body.top_k
+      .filter((c) => Number.isInteger(c?.digit) && typeof c.probability === "number")
+      .map((c) => ({ digit: c.digit, p: c.probability }))
+    : [];
+  if (listed.length >= 2) return listed.slice(0, 2);
+  return probabilities.map((p, digit) => ({ digit, p })).sort((a, b) => b.p - a.p).slice(0, 2);
+}
+
+function digitPair(first, second) {
+  const part = (text, className) => {
+    const span = document.createElement("span");
+    span.textContent = text;
+    if (className) span.className = className;
+    return span;
+  };
+  return [part(String(first)), part(" or ", "or"), part(String(second))];
 }
 
 async function showPrediction(body) {
   const probabilities = Array.isArray(body.probabilities) ? body.probabilities.map(Number) : [];
   const digit = Number.isInteger(body.digit) ? body.digit : probabilities.indexOf(Math.max(...probabilities));
   const confidence = typeof body.confidence === "number" ? body.confidence : probabilities[digit] ?? 0;
+  // A service from before verdicts sends none: its answers are plain digits.
+  const verdict = VERDICTS.includes(body.verdict) ? body.verdict : "digit";
   els.error.hidden = true;
   els.keyForm.hidden = true;
-  els.digit.textContent = String(digit);
+  els.result.dataset.verdict = verdict;
   els.confidence.textContent = percent(confidence);
-  els.summary.textContent = `The model reads ${digit}, with ${percent(confidence)} confidence.`;
-  if (probabilities.length === 10) showBars(probabilities);
+  els.confidenceLine.hidden = verdict === "not_a_digit";
+  let marked = [digit];
+  if (verdict === "not_a_digit") {
+    // No digit to show: the box is struck through by the stylesheet, the words say why.
+    els.digit.textContent = "";
+    marked = [];
+    setSummary(
+      "That doesn't look like a digit",
+      source.kind === "file"
+        ? "Use a photo of one handwritten digit, cropped close around it."
+        : "Draw one digit, large and centred on the pad.",
+    );
+  } else if (verdict === "unsure") {
+    const [first, second] = topTwo(body, probabilities);
+    marked = [first.digit, second.digit];
+    els.digit.replaceChildren(...digitPair(first.digit, second.digit));
+    setSummary(
+      `Not sure: ${first.digit} or ${second.digit}?`,
+      `Most likely ${first.digit} (${percent(first.p)}), then ${second.digit} (${percent(second.p)}). `
+        + "The model may misread this one: check it yourself, or write it again more clearly.",
+    );
+  } else {
+    els.digit.textContent = String(digit);
+    setSummary(null, `The model reads ${digit}, with ${percent(confidence)} confidence.`);
+  }
+  if (probabilities.length === 10) showBars(probabilities, marked);
   await showSeen(body.image);
   setState("done");
 }
 
 function showError(error) {
   setState("error");
+  clearVerdict();
   els.digit.textContent = "?";
   els.confidence.textContent = "–";
-  els.summary.textContent = "No prediction.";
+  setSummary(null, "No prediction.");
   const network = error instanceof TypeError;
   els.error.textContent = network ? "The service could not be reached. Is it running?" : error.message;
   els.error.dataset.code = error.code || (network ? "network" : "error");
@@ -363,7 +432,8 @@ function showError(error) {
 
 function showKeyForm(body) {
   setState("error");
-  els.summary.textContent = "No prediction: the service needs an API key.";
+  clearVerdict();
+  setSummary(null, "No prediction: the service needs an API key.");
   const rejected = Boolean(apiKey());
   els.error.textContent = rejected
     ? body?.error?.message || "That API key was not accepted."
@@ -433,12 +503,12 @@ function clearSeen() {
 // Model card
 
 // GET v1/models may answer one card, a list of cards, or {"models": [...]}; accuracy may sit at the top
-// or under metrics.
+// or under metrics. Of several, the default model is the one that answers the page.
 function pickModel(body) {
-  if (Array.isArray(body)) return body[0];
-  if (Array.isArray(body?.models)) return body.models[0];
-  if (Array.isArray(body?.data)) return body.data[0];
-  return body;
+  const list = Array.isArray(body) ? body : Array.isArray(body?.models) ? body.models
+    : Array.isArray(body?.data) ? body.data : null;
+  if (!list) return body;
+  return list.find((card) => card?.default === true) ?? list[0];
 }
 
 // The service loads its model in the background, so right after a start the list can still be empty.
@@ -467,6 +537,40 @@ function showModelCard(card) {
   els.modelVersion.textContent = card.version ?? "unknown";
   els.modelAccuracy.textContent = typeof accuracy === "number" ? percent(accuracy, 2) : "not reported";
   if (typeof accuracy === "number") els.modelAccuracy.dataset.value = String(accuracy);
+  const trust = trustHeadline(card.trust);
+  els.modelTrust.textContent = trust ?? "";
+  els.modelTrustRow.hidden = els.modelTrustHint.hidden = !trust;
+}
+
+// The card's trust section in one line: whether the confidence is calibrated, how many non-digits it turns
+// away and how many real digits it holds back, all measured on held-out tests. Null when the card has none.
+function trustHeadline(trust) {
+  if (!trust || typeof trust !== "object") return null;
+  const parts = [];
+  const calibration = trust.calibration;
+  if (calibration && typeof calibration === "object" && (calibration.method || calibration.temperature)) {
+    const ece = calibration.test_after?.ece;
+    parts.push(typeof ece === "number" ? `calibrated (test ECE ${percent(ece, 2)})` : "calibrated");
+  }
+  const families = Object.values(trust.ood?.held_out?.per_family ?? {})
+    .filter((f) => typeof f?.not_digit_rate === "number");
+  if (families.length) {
+    const weight = (f) => (typeof f.images === "number" && f.images > 0 ? f.images : 1);
+    const total = families.reduce((sum, f) => sum + weight(f), 0);
+    const rejected = families.reduce((sum, f) => sum + f.not_digit_rate * weight(f), 0) / total;
+    const least = trust.ood.held_out.min_family_not_digit_rate;
+    parts.push(`rejects ${percent(rejected)} of non-digits in tests`
+      + (typeof least === "number" ? ` (at least ${percent(least)} of each kind)` : ""));
+  }
+  const heldBack = trust.selective?.test_digits_rejected;
+  if (typeof heldBack === "number") parts.push(`holds back ${percent(heldBack, 2)} of MNIST test digits`);
+  const unsure = trust.verdict?.unsure_below_confidence;
+  if (!parts.length && typeof unsure === "number" && unsure > 0) {
+    parts.push(`answers “not sure” below ${percent(unsure)} confidence`);
+  }
+  if (!parts.length) return null;
+  const line = parts.join("; ");
+  return line[0].toUpperCase() + line.slice(1);
 }
 
 // ---------------------------------------------------------------------------------------------------------

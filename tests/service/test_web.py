@@ -7,13 +7,19 @@ apt-get once (quietly); Playwright never downloads a browser. Where it cannot be
 and say why. The server is a real ``python -m service`` process serving the committed model; nothing here
 hard-codes the model's accuracy: the page is checked against models/mnist-cnn.json.
 
-docs/web-page.png is a copy of test-artifacts/web/desktop-after-drawing.png.
+Every answer carries a verdict, and the page says what it means: the digit (``digit``), "Not sure: 4 or 9?"
+(``unsure``) or "That doesn't look like a digit" (``not_a_digit``). The inputs for the last two are checked
+against the API first, so a test fails on what the page shows, not on what the model happens to answer.
+
+docs/web-page.png is a copy of test-artifacts/web/desktop-after-drawing.png, docs/web-page-not-a-digit.png of
+test-artifacts/web/desktop-not-a-digit.png.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
 import shutil
@@ -22,9 +28,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
+from conftest import LiveServer, spawn_server
 from PIL import Image
+from repository_helpers import MODEL_NAME, flat_repository
 
 pytestmark = pytest.mark.browser
 
@@ -48,6 +57,11 @@ TRACED = (0, 1, 3, 4, 7, 18)
 #: MNIST test images given as photos: a 1, a 5, a 6, an 8.
 UPLOADED = (2, 8, 11, 61)
 API_KEY = "web-test-key-0123456789"
+#: An MNIST test 4 that the model reads as 4 or 9: about 68 % and 23 % as a photo, well below the threshold of
+#: the strict card (the confidence rule the 1.0.0 README recommended: below 80 %, ask a person).
+AMBIGUOUS = 2514
+STRICT_UNSURE_BELOW = 0.8
+NOT_A_DIGIT = "That doesn't look like a digit"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -88,6 +102,29 @@ def chromium() -> str:
 def server(chromium: str, module_live_server: Any) -> Any:
     """The service as users run it (``python -m service``), started only once a browser is at hand."""
     return module_live_server
+
+
+@pytest.fixture(scope="module")
+def strict_server(chromium: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """The committed model behind a card that differs only in ``trust.verdict.unsure_below_confidence``.
+
+    Same ONNX bytes (the card's sha256 still matches): the model answers exactly as shipped; only the line
+    between ``digit`` and ``unsure`` moves, so an ambiguous digit is ``unsure`` whatever the shipped card says.
+    """
+    root = flat_repository(tmp_path_factory.mktemp("strict-models"))
+    card_path = root / f"{MODEL_NAME}.json"
+    card = json.loads(card_path.read_text())
+    trust = card.get("trust") or {}
+    verdict = trust.get("verdict") or {"ood_output": None, "not_a_digit_at_or_above": None}
+    card["trust"] = {**trust, "verdict": {**verdict, "unsure_below_confidence": STRICT_UNSURE_BELOW}}
+    card_path.write_text(json.dumps(card, indent=2))
+    live = spawn_server(tmp_path_factory.mktemp("strict-server") / "server.log", {"MNIST_SERVE_MODEL_DIR": str(root)})
+    try:
+        live.wait_ready()
+        yield live
+    finally:
+        if live.process.poll() is None:
+            live.stop(timeout_s=15)
 
 
 @pytest.fixture(scope="module")
@@ -260,6 +297,8 @@ def seen_image_ink(page: Any) -> float:
 
 def assert_full_answer(page: Any, expected: int) -> None:
     """Digit, confidence, ten bars with the best one marked, the seen image and the live summary all agree."""
+    assert page.get_attribute("#result", "data-verdict") == "digit"
+    assert page.locator("#result-headline").is_hidden()
     assert shown_digit(page) == expected
     confidence = page.inner_text("#result-confidence")
     assert confidence.endswith("%") and confidence != "–"
@@ -269,6 +308,30 @@ def assert_full_answer(page: Any, expected: int) -> None:
     assert page.locator("#error").is_hidden()
     assert seen_image_ink(page) > 0.01, "the 28×28 image the model saw is not shown"
     assert f"reads {expected}" in page.inner_text("#result-summary")
+
+
+def api_answer(server: Any, image: bytes) -> dict[str, Any]:
+    """What the service answers for these image bytes, with the two most likely digits (as the page asks)."""
+    payload = {"image_base64": base64.b64encode(image).decode(), "top_k": 2}
+    response = httpx.post(f"{server.url}/v1/predict", json=payload, timeout=TIMEOUT_MS / 1000)
+    assert response.status_code == 200, response.text
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+def upload(page: Any, name: str, image: bytes) -> Any:
+    """Give the page ``image`` through its file input; the service's answer to the page's request."""
+    with page.expect_response("**/v1/predict") as response:
+        page.set_input_files("#file-input", files=[{"name": name, "mimeType": "image/png", "buffer": image}])
+    wait_for_answer(page)
+    assert response.value.status == 200
+    return response.value.json()
+
+
+def bar_values(page: Any) -> list[str]:
+    values: list[str] = page.locator("#bars .bar-value").all_inner_texts()
+    assert len(values) == 10 and all(v.endswith("%") for v in values), values
+    return values
 
 
 def shoot(page: Any, name: str) -> None:
@@ -291,6 +354,8 @@ def test_page_loads_only_local_assets_and_shows_the_model_card(page: PageWatch, 
         model_card["metrics"]["test_accuracy"]
     )
     assert p.title().startswith("mnist-serve")
+    # The trust headline is shown exactly when the card has a trust section.
+    assert p.locator("#model-trust-row").is_visible() == bool(model_card.get("trust"))
     foreign = [url for url in page.requests if not url.startswith(server.url)]
     assert not foreign, f"the page fetched from elsewhere: {foreign}"
     assert not page.errors
@@ -416,6 +481,56 @@ def test_the_page_works_under_a_strict_content_security_policy(
         assert not violations, violations
     finally:
         context.close()
+
+
+def test_an_ambiguous_digit_is_shown_as_not_sure_between_two(
+    browser: Any, strict_server: LiveServer, mnist_test: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """An MNIST 4 that could be a 9, under a card that says ``unsure`` below 80 %: "Not sure: 4 or 9?"."""
+    images, _ = mnist_test
+    photo = photo_of(images[AMBIGUOUS])
+    expected = api_answer(strict_server, photo)
+    assert expected["verdict"] == "unsure", expected
+    first, second = (c["digit"] for c in expected["top_k"])
+    assert {first, second} == {4, 9}, expected["top_k"]
+
+    watch = _open(browser, strict_server.url, viewport={"width": 1100, "height": 900})
+    p = watch.page
+    try:
+        answer = upload(p, f"mnist-test-{AMBIGUOUS}.png", photo)
+        assert answer["verdict"] == "unsure"
+        assert p.get_attribute("#result", "data-verdict") == "unsure"
+        headline = p.locator("#result-headline")
+        assert headline.is_visible()
+        assert headline.inner_text() == f"Not sure: {first} or {second}?"
+        # Said in words (the live region), not only by the amber colour.
+        summary = p.inner_text("#result-summary")
+        assert summary.startswith(f"Not sure: {first} or {second}?")
+        assert f"Most likely {first} ({p.inner_text('#bars .bar.best .bar-value')})" in summary
+        assert p.get_attribute("#result-summary", "aria-live") == "polite"
+        # The box shows both candidates, the bars stay, with both candidates marked.
+        assert p.inner_text("#result-digit").split() == [str(first), "or", str(second)]
+        assert p.locator("#confidence-line").is_visible()
+        assert p.inner_text("#result-confidence").endswith("%")
+        values = bar_values(p)
+        assert p.locator("#bars .bar.best").get_attribute("data-digit") == str(first)
+        assert sorted(p.locator("#bars .bar.candidate").evaluate_all("els => els.map(e => e.dataset.digit)")) == sorted(
+            [str(first), str(second)]
+        )
+        assert float(values[first].rstrip("%")) > float(values[second].rstrip("%"))
+        assert seen_image_ink(p) > 0.01
+        # The card has a trust section now: its headline shows with the card info.
+        p.wait_for_selector("#model-trust-row:not([hidden])")
+        assert p.inner_text("#model-trust").strip()
+        shoot(p, "desktop-unsure")
+        # Clearing forgets the verdict: no headline, no marked candidates.
+        p.click("#clear-button")
+        assert p.get_attribute("#result", "data-verdict") is None
+        assert p.locator("#result-headline").is_hidden()
+        assert p.locator("#bars .bar.candidate").count() == 0
+        assert not watch.errors
+    finally:
+        p.context.close()
 
 
 def test_a_file_that_is_not_an_image_shows_the_services_error(page: PageWatch) -> None:
