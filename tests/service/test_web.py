@@ -32,7 +32,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import LiveServer, spawn_server
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from repository_helpers import MODEL_NAME, flat_repository
 
 pytestmark = pytest.mark.browser
@@ -62,6 +62,26 @@ API_KEY = "web-test-key-0123456789"
 AMBIGUOUS = 2514
 STRICT_UNSURE_BELOW = 0.8
 NOT_A_DIGIT = "That doesn't look like a digit"
+#: A word photographed instead of a digit.
+PHOTO_WORD = "cat"
+#: How far past the card's ``not_a_digit_at_or_above`` the ``ood_score`` of a not-a-digit input must be (in
+#: log-odds), so that another Chromium's anti-aliasing cannot move it across the line.
+OOD_MARGIN = 2.0
+
+
+def _loops() -> list[list[tuple[float, float]]]:
+    """A scribble: a spring of five loops drawn across the pad in one stroke."""
+    t = np.linspace(0, 10 * np.pi, 240)
+    xs = 0.5 + np.linspace(-0.3, 0.3, t.size) + 0.13 * np.cos(t)
+    ys = 0.5 + 0.2 * np.sin(t)
+    return [[(float(x), float(y)) for x, y in zip(xs, ys, strict=True)]]
+
+
+#: Things people draw that are not one digit, as pen strokes in pad coordinates (0..1, y down).
+NOT_DIGITS: dict[str, list[list[tuple[float, float]]]] = {
+    "letter-W": [[(0.12, 0.22), (0.3, 0.8), (0.5, 0.35), (0.7, 0.8), (0.88, 0.22)]],
+    "scribble": _loops(),
+}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -251,6 +271,18 @@ def draw_mnist_digit(page: Any, digit: np.ndarray) -> None:
         page.mouse.up()
 
 
+def draw_strokes(page: Any, strokes: list[list[tuple[float, float]]]) -> None:
+    """Draw polylines given in pad coordinates (0..1) with the mouse, one pen-down…pen-up each."""
+    box = page.locator("#pad").bounding_box()
+    for stroke in strokes:
+        points = [(box["x"] + x * box["width"], box["y"] + y * box["height"]) for x, y in stroke]
+        page.mouse.move(*points[0])
+        page.mouse.down()
+        for point in points[1:]:
+            page.mouse.move(*point, steps=4)
+        page.mouse.up()
+
+
 def photo_of(digit: np.ndarray, size: int = 220, fmt: str = "PNG") -> bytes:
     """A 28×28 MNIST digit as people would give it: dark ink on white paper, larger, off-centre."""
     ink = Image.fromarray(255 - digit).resize((size, size), Image.Resampling.BICUBIC)
@@ -310,9 +342,9 @@ def assert_full_answer(page: Any, expected: int) -> None:
     assert f"reads {expected}" in page.inner_text("#result-summary")
 
 
-def api_answer(server: Any, image: bytes) -> dict[str, Any]:
-    """What the service answers for these image bytes, with the two most likely digits (as the page asks)."""
-    payload = {"image_base64": base64.b64encode(image).decode(), "top_k": 2}
+def api_answer(server: Any, image: bytes, return_image: bool = False) -> dict[str, Any]:
+    """What the service answers for these image bytes, with the two most likely digits."""
+    payload = {"image_base64": base64.b64encode(image).decode(), "top_k": 2, "return_image": return_image}
     response = httpx.post(f"{server.url}/v1/predict", json=payload, timeout=TIMEOUT_MS / 1000)
     assert response.status_code == 200, response.text
     answer: dict[str, Any] = response.json()
@@ -531,6 +563,103 @@ def test_an_ambiguous_digit_is_shown_as_not_sure_between_two(
         assert not watch.errors
     finally:
         p.context.close()
+
+
+def not_a_digit_threshold(model_card: dict[str, Any]) -> float:
+    """The shipped card's ``not_a_digit_at_or_above``; skips when the shipped model has no OOD output."""
+    verdict = (model_card.get("trust") or {}).get("verdict") or {}
+    if verdict.get("ood_output") is None:
+        pytest.skip("the shipped model has no out-of-distribution output: it never answers not_a_digit")
+    return float(verdict["not_a_digit_at_or_above"])
+
+
+def ood_score(classifier: Any, pixels: list[list[int]]) -> float:
+    """The shipped model's ``ood_score`` for the 28×28 image the service says it saw."""
+    x = np.asarray(pixels, dtype=np.float32)[None, :, :, None] / 255.0
+    return float(classifier.scores(x)[0, -1])
+
+
+def assert_not_a_digit_shown(page: Any, hint: str) -> None:
+    """The words, no digit, no confidence, the bars with none marked, and the image the model saw."""
+    assert page.get_attribute("#result", "data-verdict") == "not_a_digit"
+    assert page.inner_text("#result-headline") == NOT_A_DIGIT
+    summary = page.inner_text("#result-summary")
+    assert summary.startswith(NOT_A_DIGIT) and hint in summary, summary
+    assert page.get_attribute("#result-summary", "aria-live") == "polite"
+    assert page.inner_text("#result-digit").strip() == ""
+    assert page.locator("#confidence-line").is_hidden()
+    bar_values(page)
+    assert page.locator("#bars .bar.best, #bars .bar.candidate").count() == 0
+    assert page.locator("#error").is_hidden()
+    assert seen_image_ink(page) > 0.01
+
+
+@pytest.mark.parametrize("name", list(NOT_DIGITS))
+def test_drawing_something_that_is_not_a_digit_says_so(
+    page: PageWatch, classifier: Any, model_card: dict[str, Any], name: str
+) -> None:
+    """A letter or a scribble on the pad, read by the shipped model: "That doesn't look like a digit"."""
+    threshold = not_a_digit_threshold(model_card)
+    p = page.page
+    draw_strokes(p, NOT_DIGITS[name])
+    with p.expect_response("**/v1/predict") as response:
+        p.click("#predict-button")
+    wait_for_answer(p)
+    answer = response.value.json()
+    # What the service answered for the page's own request, and how far past the line the drawing is.
+    score = ood_score(classifier, answer["image"]["pixels"])
+    assert answer["verdict"] == "not_a_digit", (answer["verdict"], score, threshold)
+    assert score >= threshold + OOD_MARGIN, f"{name}: ood_score {score:.2f} is too close to {threshold:.2f}"
+    assert_not_a_digit_shown(p, "Draw one digit, large and centred on the pad.")
+    shoot(p, f"not-a-digit-{name}")
+    if name == next(iter(NOT_DIGITS)):
+        shoot(p, "desktop-not-a-digit")
+    # Clearing forgets the verdict: the confidence line and the digit box come back.
+    p.click("#clear-button")
+    assert p.get_attribute("#result", "data-verdict") is None
+    assert p.locator("#confidence-line").is_visible()
+    assert p.inner_text("#result-digit") == "–"
+    assert not page.errors
+
+
+def text_photo(text: str, size: int = 180) -> bytes:
+    """A word typed black on white (in Pillow's own font, the same on every machine): a photo of no digit."""
+    font = ImageFont.load_default(size=size)
+    sheet = Image.new("L", (int(size * 0.8 * len(text)) + 120, size + 100), 255)
+    ImageDraw.Draw(sheet).text((60, 30), text, fill=0, font=font)
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_dropping_a_photo_of_a_word_says_it_is_not_a_digit(
+    page: PageWatch, server: Any, classifier: Any, model_card: dict[str, Any]
+) -> None:
+    """A photo of the word "cat", checked against the API first, then dropped on the page."""
+    threshold = not_a_digit_threshold(model_card)
+    photo = text_photo(PHOTO_WORD)
+    expected = api_answer(server, photo, return_image=True)
+    score = ood_score(classifier, expected["image"]["pixels"])
+    assert expected["verdict"] == "not_a_digit", (expected["verdict"], score, threshold)
+    assert score >= threshold + OOD_MARGIN, f"ood_score {score:.2f} is too close to {threshold:.2f}"
+    p = page.page
+    payload = base64.b64encode(photo).decode()
+    transfer = p.evaluate_handle(
+        """(b64) => {
+            const bytes = Uint8Array.from(atob(b64), (ch) => ch.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], 'word.png', { type: 'image/png' }));
+            return transfer;
+        }""",
+        payload,
+    )
+    with p.expect_response("**/v1/predict") as response:
+        p.dispatch_event("#drop-zone", "drop", {"dataTransfer": transfer})
+    wait_for_answer(p)
+    assert response.value.json()["verdict"] == "not_a_digit"
+    assert_not_a_digit_shown(p, "Use a photo of one handwritten digit, cropped close around it.")
+    shoot(p, "not-a-digit-photo")
+    assert not page.errors
 
 
 def test_a_file_that_is_not_an_image_shows_the_services_error(page: PageWatch) -> None:
