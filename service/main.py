@@ -54,7 +54,7 @@ from service.model import (
 )
 from service.repository import ModelLoader, ModelRepository
 from service.routes import admin, health, predict, v2
-from service.schemas import BatchRequest, PredictRequest
+from service.schemas import BatchRequest, InferRequest, PredictRequest
 from service.server import SHUTDOWN_STARTED
 from service.settings import Settings
 from service.tracing import NO_TRACING, Tracing
@@ -229,17 +229,57 @@ def _lifespan(classifier: OnnxClassifier | None) -> Callable[[FastAPI], contextl
     return lifespan
 
 
+#: What the API description adds: the error bodies, and the answers that come before any route.
+API_ERRORS_DESCRIPTION = """
+**Errors.** `/v1`, the health routes and the admin API answer `{"error": {"code", "message", "request_id", ...}}`;
+`/v2` answers the Open Inference Protocol's `{"error": "message"}` (400 where `/v1` says 422). Every answer carries
+`X-Request-ID`. Each operation lists exactly the statuses it answers, with these bodies.
+
+**Before any route**, on any path, the server itself may answer:
+
+- **431** `request_header_fields_too_large`: the request line and headers are larger than
+  `MNIST_SERVE_MAX_HEADER_BYTES`; the connection is closed.
+- **408** `request_timeout`: the headers (`MNIST_SERVE_HEADER_TIMEOUT_S`) or the body
+  (`MNIST_SERVE_BODY_TIMEOUT_S`) took too long; the connection is closed.
+- **413** `payload_too_large`: a body larger than `MNIST_SERVE_MAX_BODY_BYTES`, before it is read;
+  **400** `bad_request`: a Content-Length that is not a number.
+- **503** `too_many_bytes` with Retry-After: the worker already holds `MNIST_SERVE_MAX_INFLIGHT_BODY_BYTES` of
+  request bodies.
+- **404**, **405**: no such path, or not with that method.
+
+431 and 408 carry the `/v1` error body (they are sent before the path is read); the others carry the body of the
+path's API. Every limit, its setting and its answer: docs/limits.md. The same protocol as `/v2` is served over gRPC
+on `MNIST_SERVE_GRPC_PORT` (docs/protocol.md).
+"""
+
+
 def _install_openapi(app: FastAPI, body_models: Sequence[type[BaseModel]]) -> None:
-    """The predict routes read their bodies by hand (JSON or multipart); register those bodies' schemas."""
+    """The OpenAPI document as the routes answer, built once:
+
+    - the bodies the predict and /v2 inference routes read by hand (JSON or multipart) are registered;
+    - FastAPI's 422 ``HTTPValidationError`` is dropped: it adds one to every route with parameters, but no route
+      answers it (service.errors turns validation errors into the documented 422 or, on /v2, 400 bodies);
+    - the description says what the server answers before any route (431, 408, the body limits).
+    """
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
             return app.openapi_schema
-        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        description = f"{app.description}\n{API_ERRORS_DESCRIPTION}"
+        schema = get_openapi(title=app.title, version=app.version, description=description, routes=app.routes)
         _, defs = models_json_schema(
             [(m, "validation") for m in body_models], ref_template="#/components/schemas/{model}"
         )
-        schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        schemas.update(defs.get("$defs", {}))
+        fastapi_422 = {"$ref": "#/components/schemas/HTTPValidationError"}
+        for item in schema.get("paths", {}).values():
+            for operation in item.values():
+                unprocessable = operation.get("responses", {}).get("422", {})
+                if unprocessable.get("content", {}).get("application/json", {}).get("schema") == fastapi_422:
+                    del operation["responses"]["422"]
+        schemas.pop("HTTPValidationError", None)  # referenced by those 422s only
+        schemas.pop("ValidationError", None)
         app.openapi_schema = schema
         return schema
 
@@ -295,11 +335,20 @@ def create_app(
     app.include_router(v2.router)
     install_docs(app)
 
-    @app.get("/metrics", tags=["health"], response_class=Response, summary="Prometheus metrics")
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        response_class=Response,
+        summary="Prometheus metrics",
+        operation_id="metrics",
+        responses={
+            200: {"description": "Prometheus' text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
+        },
+    )
     async def prometheus_metrics(state: StateDep) -> Response:
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
-    _install_openapi(app, [PredictRequest, BatchRequest])
+    _install_openapi(app, [PredictRequest, BatchRequest, InferRequest])
     routers = (health.router, predict.router, admin.router, v2.router)
     known_paths = {
         path

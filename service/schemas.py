@@ -197,17 +197,164 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorBody(BaseModel):
+    """Every error of /v1, the health routes and the admin API."""
+
     error: ErrorDetail
 
 
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` entries for the given error statuses."""
-    meaning = {
-        401: "API key missing or wrong",
-        413: "body or batch too large",
-        404: "no model of that name, or no such version of it (?model=, ?version=)",
-        415: "not JSON / multipart, or the file is not an image",
-        422: "invalid input: shape, NaN/Inf, undecodable image, image too large, blank image",
-        503: "model not ready, or overloaded (see Retry-After)",
-    }
-    return {s: {"model": ErrorBody, "description": meaning.get(s, "error")} for s in statuses}
+# --- the Open Inference Protocol's bodies (/v2), as documented; the routes build them in service.protocol --------
+
+
+class ProtocolErrorBody(BaseModel):
+    """The protocol's error body (the request id is in the X-Request-ID header only)."""
+
+    error: str = Field(examples=["no model named 'mnist-xl' (serving: mnist-cnn, mnist-cnn-int8)"])
+
+
+class ServerMetadata(BaseModel):
+    name: str = Field(examples=["mnist-serve"])
+    version: str = Field(examples=["1.0.0"])
+    extensions: list[str] = Field(examples=[["binary_tensor_data", "model_configuration"]])
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str = Field(examples=["FP32"])
+    shape: list[int] = Field(examples=[[-1, 28, 28, 1]])
+    """-1: any size (the batch)."""
+
+
+class ModelMetadata(BaseModel):
+    name: str = Field(examples=["mnist-cnn"])
+    versions: list[str] = Field(examples=[["1.0.0"]])
+    platform: str = Field(examples=["onnxruntime_onnx"])
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class ModelConfig(BaseModel):
+    """Triton's model configuration (its field names, so that gRPC can answer it in Triton's message)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    platform: str
+    backend: str
+    max_batch_size: int
+    input: list[dict[str, Any]]
+    output: list[dict[str, Any]]
+    parameters: dict[str, dict[str, str]]
+    """The model's version and sha256, as Triton's string parameters."""
+    dynamic_batching: dict[str, Any] | None = None
+    """Present when micro-batching is on."""
+
+
+class RepositoryModel(BaseModel):
+    name: str
+    version: str
+    state: Literal["READY", "UNAVAILABLE"]
+    reason: str
+
+
+class InferInput(BaseModel):
+    name: str = Field(examples=["input"])
+    shape: list[int] = Field(examples=[[1, 784]])
+    """[N, 28, 28, 1], [N, 28, 28] or [N, 784]."""
+    datatype: str = Field(examples=["FP32"])
+    """FP32, values in 0..1 (white ink on black: pixels / 255)."""
+    parameters: dict[str, Any] | None = None
+    """`binary_data_size` when the values follow the JSON as little-endian bytes."""
+    data: list[Any] | None = None
+    """The values, flattened in row-major order or nested like the shape."""
+
+
+class InferRequestedOutput(BaseModel):
+    name: Literal["probabilities", "digit", "verdict"]
+    parameters: dict[str, Any] | None = None
+    """`binary_data: true` to get this output as little-endian bytes after the JSON."""
+
+
+class InferRequest(BaseModel):
+    """An inference request: one input tensor of images; the outputs wanted (default: all three)."""
+
+    id: str | None = None
+    """Echoed in the response."""
+    parameters: dict[str, Any] | None = None
+    """`binary_data_output: true` to get every output as bytes."""
+    inputs: list[InferInput]
+    outputs: list[InferRequestedOutput] | None = None
+
+
+class InferOutput(BaseModel):
+    name: Literal["probabilities", "digit", "verdict"]
+    datatype: Literal["FP32", "INT64", "BYTES"]
+    shape: list[int] = Field(examples=[[1, 10]])
+    data: list[float | str] | None = None
+    """Flattened in row-major order (absent when the output is sent as bytes)."""
+    parameters: dict[str, int] | None = None
+    """`binary_data_size`: the output's bytes after the JSON (then `data` is absent)."""
+
+
+class InferResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_name: str = Field(examples=["mnist-cnn"])
+    model_version: str = Field(examples=["1.0.0"])
+    id: str | None = None
+    """The request's id, when it gave one."""
+    outputs: list[InferOutput]
+
+
+# --- OpenAPI `responses` entries: what each route can answer, each with its body ---------------------------------
+
+RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
+WWW_AUTHENTICATE = {"WWW-Authenticate": {"description": "How to authenticate: Bearer.", "schema": {"type": "string"}}}
+_HEADERS: dict[int, dict[str, Any]] = {401: WWW_AUTHENTICATE, 503: RETRY_AFTER}
+
+#: What a /v1 (or health, or admin) error status means, unless the route says otherwise.
+ERROR_MEANINGS = {
+    401: "API key missing or wrong (only when MNIST_SERVE_API_KEY is set)",
+    403: "no API key is configured, so the admin API is off",
+    404: "no model of that name, or no such version of it (?model=, ?version=)",
+    413: "too large: the body (payload_too_large), its JSON structure (json_too_complex), the number of items "
+    "(too_many_items) or the pixels to decode (too_many_pixels)",
+    415: "not JSON or multipart form data (unsupported_media_type), an upload that is not an image, or a "
+    "compressed body (unsupported_encoding)",
+    422: "invalid input: shape, NaN/Inf, an undecodable, blank or too large image, an invalid query parameter",
+    500: "the new model set could not be loaded; the previous one goes on serving",
+    503: "not ready (loading, failed to load, shutting down) or overloaded (overloaded: the queue is full or the "
+    "wait would be too long; too_many_bytes: the worker holds too many request bodies); see Retry-After",
+}
+
+#: The same for the Open Inference Protocol's routes (/v2), whose bad requests are 400, not 422.
+PROTOCOL_MEANINGS = {
+    400: "bad request: the JSON, the tensors (name, datatype, shape, values) or the binary data layout",
+    401: "API key missing or wrong (only when MNIST_SERVE_API_KEY is set)",
+    404: "no model of that name, or no such version of it",
+    413: "too large: the body, its JSON structure, or more images than MNIST_SERVE_MAX_BATCH_ITEMS",
+    415: "a compressed body (Content-Encoding other than identity)",
+    503: "not ready (loading, failed to load, shutting down) or overloaded (the queue is full, the wait would be "
+    "too long, or the worker holds too many request bodies); see Retry-After",
+}
+
+
+def _responses(
+    body: type[BaseModel], meanings: dict[int, str], statuses: tuple[int, ...], described: dict[int, str] | None
+) -> dict[int | str, dict[str, Any]]:
+    out: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        entry: dict[str, Any] = {"model": body, "description": (described or {}).get(status, meanings[status])}
+        if status in _HEADERS:
+            entry["headers"] = _HEADERS[status]
+        out[status] = entry
+    return out
+
+
+def error_responses(*statuses: int, described: dict[int, str] | None = None) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for these /v1 error statuses: the ``{"error": {"code", "message"}}`` body."""
+    return _responses(ErrorBody, ERROR_MEANINGS, statuses, described)
+
+
+def protocol_responses(*statuses: int, described: dict[int, str] | None = None) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for these /v2 error statuses: the protocol's ``{"error": "message"}`` body."""
+    return _responses(ProtocolErrorBody, PROTOCOL_MEANINGS, statuses, described)

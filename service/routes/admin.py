@@ -50,11 +50,8 @@ class ReloadResponse(BaseModel):
     "/reload",
     response_model=ReloadResponse,
     summary="Reload the model repository",
-    responses={
-        **error_responses(401, 503),
-        403: {"description": "no API key is configured, so the admin API is off"},
-        500: {"description": "the new model set could not be loaded; the previous one goes on serving"},
-    },
+    operation_id="reloadModels",
+    responses=error_responses(401, 403, 500, 503, described={503: "shutting down, or no models are ready"}),
 )
 async def reload(state: StateDep) -> ReloadResponse:
     """Load every model in the model directory, verify and warm them up, swap the new set in, then drain the old

@@ -12,14 +12,23 @@ from service.schemas import Health, ModelInfo, ModelRef, ModelsResponse, error_r
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", response_model=Health, response_model_exclude_none=True)
+@router.get(
+    "/healthz", response_model=Health, response_model_exclude_none=True, operation_id="healthz", summary="Liveness"
+)
 async def healthz() -> Health:
     """Alive: the process answers. Whether the models serve is /readyz's question: a model that failed to load is
     not cured by restarting the process (fix the files and reload), so liveness never fails for it."""
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Health, response_model_exclude_none=True, responses=error_responses(503))
+@router.get(
+    "/readyz",
+    response_model=Health,
+    response_model_exclude_none=True,
+    operation_id="readyz",
+    summary="Readiness",
+    responses=error_responses(503, described={503: "not ready: loading, failed to load, or shutting down"}),
+)
 async def readyz(state: StateDep) -> Health | JSONResponse:
     """Ready: the model is loaded and warmed up and the batcher runs; else 503 with Retry-After."""
     if state.load_error is not None:
@@ -30,7 +39,9 @@ async def readyz(state: StateDep) -> Health | JSONResponse:
     return Health(status="ready", model=ModelRef(name=state.classifier.name, version=state.classifier.version))
 
 
-@router.get("/v1/models", response_model=ModelsResponse, tags=["models"])
+@router.get(
+    "/v1/models", response_model=ModelsResponse, tags=["models"], operation_id="listModels", summary="List the models"
+)
 async def list_models(state: StateDep) -> ModelsResponse:
     """Every model version this instance serves: name, version, tensors, the test accuracy from the model card.
 

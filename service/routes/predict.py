@@ -195,6 +195,7 @@ async def _read_items(request: Request, plane: DataPlane, batch: bool) -> tuple[
     response_model=PredictResponse,
     response_model_exclude_none=True,
     summary="Classify one digit",
+    operation_id="predict",
     responses=error_responses(401, 404, 413, 415, 422, 503),
     openapi_extra=_body_doc("PredictRequest", "One image file in the field `file`.", many=False),
 )
@@ -215,6 +216,7 @@ async def predict(
     response_model=BatchResponse,
     response_model_exclude_none=True,
     summary="Classify many digits in one request",
+    operation_id="predictBatch",
     responses=error_responses(401, 404, 413, 415, 422, 503),
     openapi_extra=_body_doc("BatchRequest", "Image files, each in a field named `file`, answered in order.", many=True),
 )
