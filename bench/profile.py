@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path, default=ROOT / "models")
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--rate", type=int, default=200, help="samples per second")
+    parser.add_argument("--format", default="flamegraph", choices=["flamegraph", "raw", "speedscope"])
     args = parser.parse_args(argv)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not shutil.which("wrk") or not Path(py_spy).exists():
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--duration",
                 str(args.seconds),
                 "--format",
-                "flamegraph",
+                args.format,
                 "--output",
                 str(args.output),
                 "--pid",

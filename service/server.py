@@ -29,6 +29,7 @@ onnxruntime: the workers start in parallel.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ctypes
 import functools
 import glob
@@ -45,7 +46,7 @@ from dataclasses import dataclass
 from multiprocessing.context import SpawnProcess
 from socket import socket
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 import uvicorn
 from pydantic import ValidationError
@@ -87,6 +88,41 @@ def _response(status: int, reason: str, message: str) -> bytes:
     return head + body
 
 
+class CoalescingTransport:
+    """Writes made in one turn of the event loop leave as one.
+
+    uvicorn writes a response's head when the app sends ``http.response.start`` and its body on
+    ``http.response.body``: two system calls and two packets for every small answer. Held until the end of the turn
+    (``call_soon``), they go out together; closing flushes first. Everything else is the transport's own.
+    """
+
+    __slots__ = ("_loop", "_pending", "_transport")
+
+    def __init__(self, transport: Any, loop: Any) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._pending is None:
+            self._pending = [data]
+            self._loop.call_soon(self._flush)
+        else:
+            self._pending.append(data)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending and not self._transport.is_closing():
+            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a header size cap, header and body deadlines and a connection cap."""
 
@@ -104,7 +140,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     # --- the connection cap ------------------------------------------------------------------------------------
 
     def connection_made(self, transport: Any) -> None:
-        super().connection_made(transport)
+        super().connection_made(cast(asyncio.Transport, CoalescingTransport(transport, self.loop)))
         if len(self.connections) > self.limits.max_connections:
             self._evict_one()
         self.idle[self] = None
