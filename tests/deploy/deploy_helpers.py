@@ -26,7 +26,7 @@ K8S_DIR = ROOT / "k8s"
 #: inside its own base).
 K8S_EXAMPLE_OVERLAY = ROOT / "deploy" / "kustomize" / "example"
 KSERVE_DIR = K8S_DIR / "kserve"
-DOCS = ROOT / "README.md"
+DOCS = ROOT / "docs" / "deployment.md"
 CHECKOV_VENV = ROOT / ".venv-checkov"
 
 

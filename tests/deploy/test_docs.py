@@ -1,5 +1,5 @@
-"""The README's deployment section stays in step with the service and the manifests: every setting in its
-table, and the commands it gives point at files that exist.
+"""The deployment guide (docs/deployment.md) stays in step with the service and the manifests: every setting in
+its table, and the commands people run.
 
     pytest tests/deploy/test_docs.py
 """
@@ -29,6 +29,6 @@ def test_settings_table_lists_every_setting_and_nothing_else() -> None:
 def test_names_the_commands_people_run() -> None:
     text = DOCS.read_text()
     for command in ("docker compose up -d --build", "docker compose --profile grafana up -d", "kubectl kustomize k8s",
-                    "kubectl apply -k k8s", "make test-containers", "../shared/container/setup"):  # fmt: skip
+                    "kubectl apply -k k8s", "make test-containers", "podman-compose"):  # fmt: skip
         assert command in text, command
     assert re.search(r"\*\*Size: \d+ MB\*\*", text), "the measured image size"
