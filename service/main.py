@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import importlib.metadata
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
@@ -56,7 +57,7 @@ from service.repository import ModelLoader, ModelRepository
 from service.routes import admin, health, predict, v2
 from service.schemas import BatchRequest, InferRequest, PredictRequest
 from service.server import SHUTDOWN_STARTED
-from service.settings import Settings
+from service.settings import SUPERVISOR_ENV, Settings
 from service.tracing import NO_TRACING, Tracing
 from service.tracing import from_settings as tracing_from_settings
 
@@ -197,6 +198,10 @@ def _lifespan(classifier: OnnxClassifier | None) -> Callable[[FastAPI], contextl
             loading: asyncio.Task[None] | None = None
         else:
             loading = asyncio.create_task(_bring_up(state, classifier), name="mnist-model-load")
+            if os.environ.get(SUPERVISOR_ENV):
+                # One of several workers on a shared socket: it starts accepting connections only once its models
+                # serve, so that no request reaches a worker still loading while its siblings could answer.
+                await asyncio.shield(loading)
 
         def shutdown_started() -> None:
             # SIGTERM: readiness turns 503 at once and gRPC starts its drain while uvicorn drains HTTP. What is still
