@@ -50,6 +50,7 @@ def both_ways(monkeypatch: pytest.MonkeyPatch, parse: Any, body: bytes) -> tuple
 
     with monkeypatch.context() as patch:
         patch.setattr(codec, "_fast_items", refuse)
+        patch.setattr(codec, "_text_pixels", lambda _body: None)
         slow = outcome(parse, body)
     return fast, slow
 
@@ -196,3 +197,61 @@ def test_a_batch_of_bad_items_stops_at_the_first_one() -> None:
     assert error.value.status_code == 422 and error.value.index == 0
     assert str(error.value).startswith("items[0].pixels[0][0]: Input should be a valid number (and 783 more)")
     assert peak < 100 * 2**20, f"parsing the bad batch allocated {peak / 2**20:.0f} MiB"
+
+
+# --- the text path: a plain 28×28 integer array read by numpy from the body's text ------------------------------
+
+
+def _without_text_path(monkeypatch: pytest.MonkeyPatch, body: bytes) -> Any:
+    with monkeypatch.context() as patch:
+        patch.setattr(codec, "_text_pixels", lambda _body: None)
+        return outcome(codec.parse_predict, body)
+
+
+def _layouts(pixels: list[list[int]]) -> list[bytes]:
+    """The same document written in ways clients write it: spacing, key order, options, newlines."""
+    compact = json.dumps({"pixels": pixels}, separators=(",", ":")).encode()
+    return [
+        json.dumps({"pixels": pixels, "scale": "0-255"}).encode(),
+        compact,
+        json.dumps({"scale": "0-255", "top_k": 3, "pixels": pixels, "return_image": False}).encode(),
+        json.dumps({"pixels": pixels}, indent=2).encode(),
+        b'  {\n "pixels" :\t' + json.dumps(pixels).encode() + b" }  ",
+        json.dumps({"pixels": pixels, "scale": "0-1"}).encode(),  # out of range for 0-1 unless 0/1
+    ]
+
+
+def test_the_text_path_reads_what_a_json_parser_reads(monkeypatch: pytest.MonkeyPatch, mnist_test: tuple) -> None:
+    taken = 0
+    for digit_image in mnist_test[0][:5]:
+        for body in _layouts(digit_image.astype(int).tolist()):
+            text = outcome(codec.parse_predict, body)
+            assert text == _without_text_path(monkeypatch, body), body[:80]
+            taken += codec._text_pixels(body) is not None
+    assert taken >= 20  # the common forms do take it
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ((b"[0, 0, 0", b"[00, 0, 0"), "leading zero (not JSON)"),
+        ((b"[0, 0, 0", b"[-0, 0, 0"), "a sign"),
+        ((b"[0, 0, 0", b"[1.5, 0, 0"), "a fraction"),
+        ((b"[0, 0, 0", b"[1e2, 0, 0"), "an exponent"),
+        ((b"[0, 0, 0", b"[99999999999999999999999, 0, 0"), "too long for int64"),
+        ((b"[0, 0, 0", b"[300, 0, 0"), "out of range"),
+        ((b"[0, 0, 0", b"[0, 0, 0, 0"), "a row of 29"),
+        ((b"[0, 0, 0", b"[[0], 0, 0"), "nested deeper"),
+        ((b'"scale": "0-255"', b'"scale": "0-255", "pixels": 0'), "a second pixels key"),
+        ((b'"scale": "0-255"', b'"scale": "0-255", "normalize": true'), "normalize asked"),
+        ((b'"scale": "0-255"', b'"scale": "0-255", "extra": 1'), "an unknown field"),
+        ((b'"scale": "0-255"', b'"scale": "0-255", "image_base64": "x"'), "two sources"),
+        ((b'"scale": "0-255"}', b'"scale": "0-255"'), "not JSON"),
+    ],
+)
+def test_anything_else_leaves_the_text_path_with_the_same_outcome(
+    monkeypatch: pytest.MonkeyPatch, change: tuple[bytes, bytes], why: str
+) -> None:
+    body = json.dumps({"pixels": ZEROS, "scale": "0-255"}).encode().replace(*change, 1)
+    assert body != json.dumps({"pixels": ZEROS, "scale": "0-255"}).encode(), why
+    assert outcome(codec.parse_predict, body) == _without_text_path(monkeypatch, body), why
