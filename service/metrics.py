@@ -75,6 +75,7 @@ class ModelMetrics:
         self.queue_images = metrics.queue_images.labels(**labels)
         self.ready = metrics.model_ready.labels(**labels)
         self.confidence = metrics.confidence.labels(**labels)
+        self._predictions: dict[tuple[str, int], Counter] = {}
 
     def observe_run(self, images: int, seconds: float) -> None:
         """One onnxruntime run."""
@@ -94,8 +95,13 @@ class ModelMetrics:
         pairs: dict[tuple[str, int], int] = {}
         for verdict, digit in zip(verdicts, digits.tolist(), strict=True):
             pairs[verdict, digit] = pairs.get((verdict, digit), 0) + 1
-        for (verdict, digit), count in pairs.items():
-            self._metrics.predictions.labels(**self._labels, verdict=verdict, digit=str(digit)).inc(count)
+        for pair, count in pairs.items():
+            child = self._predictions.get(pair)
+            if child is None:
+                child = self._predictions[pair] = self._metrics.predictions.labels(
+                    **self._labels, verdict=pair[0], digit=str(pair[1])
+                )
+            child.inc(count)
         for value in confidence.tolist():
             self.confidence.observe(value)
 
@@ -218,6 +224,7 @@ class ServiceMetrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self._request_children: dict[tuple[str, str, int | str], tuple[Counter, Histogram]] = {}
 
     def for_model(self, name: str, version: str) -> ModelMetrics:
         return ModelMetrics(self, name, version)
@@ -234,8 +241,17 @@ class ServiceMetrics:
 
     def observe_request(self, route: str, method: str, status: int | str, seconds: float) -> None:
         """One answered request: an HTTP status code, or a gRPC status code's name (method ``GRPC``)."""
-        self.requests.labels(route=route, method=method, status=str(status)).inc()
-        self.request_duration.labels(route=route, method=method).observe(seconds)
+        key = (route, method, status)
+        children = self._request_children.get(key)
+        if children is None:  # a route's children are looked up once, not on every request
+            if len(self._request_children) > 10_000:
+                self._request_children.clear()
+            children = self._request_children[key] = (
+                self.requests.labels(route=route, method=method, status=str(status)),
+                self.request_duration.labels(route=route, method=method),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self) -> bytes:
         directory = multiprocess_dir()
