@@ -742,6 +742,54 @@ def test_the_page_fits_a_phone(browser: Any, server: Any, mnist_test: tuple[np.n
         p.context.close()
 
 
+PHONE = {"viewport": {"width": 390, "height": 844}, "device_scale_factor": 2, "is_mobile": True, "has_touch": True}
+
+
+def assert_fits_the_phone(page: Any) -> None:
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390, "the page scrolls sideways on a phone"
+    for selector in ("#result-digit", "#result-summary"):
+        box = page.locator(selector).bounding_box()
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 390, f"{selector} leaves the screen: {box}"
+
+
+def test_not_sure_fits_a_phone(
+    browser: Any, strict_server: LiveServer, mnist_test: tuple[np.ndarray, np.ndarray]
+) -> None:
+    images, _ = mnist_test
+    photo = photo_of(images[AMBIGUOUS])
+    first, second = (c["digit"] for c in api_answer(strict_server, photo)["top_k"])
+    watch = _open(browser, strict_server.url, **PHONE)
+    p = watch.page
+    try:
+        assert upload(p, "ambiguous.png", photo)["verdict"] == "unsure"
+        assert p.inner_text("#result-headline") == f"Not sure: {first} or {second}?"
+        assert p.inner_text("#result-digit").split() == [str(first), "or", str(second)]
+        assert_fits_the_phone(p)
+        shoot(p, "phone-unsure")
+        assert not watch.errors
+    finally:
+        p.context.close()
+
+
+def test_not_a_digit_fits_a_phone(browser: Any, server: Any, model_card: dict[str, Any]) -> None:
+    not_a_digit_threshold(model_card)
+    watch = _open(browser, server.url, **PHONE)
+    p = watch.page
+    try:
+        name = next(iter(NOT_DIGITS))
+        draw_strokes(p, NOT_DIGITS[name])
+        with p.expect_response("**/v1/predict") as response:
+            p.click("#predict-button")
+        wait_for_answer(p)
+        assert response.value.json()["verdict"] == "not_a_digit"
+        assert_not_a_digit_shown(p, "Draw one digit, large and centred on the pad.")
+        assert_fits_the_phone(p)
+        shoot(p, "phone-not-a-digit")
+        assert not watch.errors
+    finally:
+        p.context.close()
+
+
 def test_the_page_asks_for_an_api_key_when_the_service_needs_one(chromium: str, browser: Any, live_server: Any) -> None:
     server = live_server(env={"MNIST_SERVE_API_KEY": API_KEY})
     watch = _open(browser, server.url, viewport={"width": 1100, "height": 900})
