@@ -343,6 +343,17 @@ def assert_full_answer(page: Any, expected: int) -> None:
     assert f"reads {expected}" in page.inner_text("#result-summary")
 
 
+def percent(p: float, digits: int = 1) -> str:
+    """A probability as the page writes it (app.js ``percent``): never 100.0% or 0.0% unless it is."""
+    step = 10.0**-digits
+    value = p * 100
+    if 0 < value < step:
+        return f"<{step:.{digits}f}%"
+    if 100 - step < value < 100:
+        return f">{100 - step:.{digits}f}%"
+    return f"{value:.{digits}f}%"
+
+
 def api_answer(server: Any, image: bytes, return_image: bool = False) -> dict[str, Any]:
     """What the service answers for these image bytes, with the two most likely digits."""
     payload = {"image_base64": base64.b64encode(image).decode(), "top_k": 2, "return_image": return_image}
@@ -387,8 +398,19 @@ def test_page_loads_only_local_assets_and_shows_the_model_card(page: PageWatch, 
         model_card["metrics"]["test_accuracy"]
     )
     assert p.title().startswith("mnist-serve")
-    # The trust headline is shown exactly when the card has a trust section.
-    assert p.locator("#model-trust-row").is_visible() == bool(model_card.get("trust"))
+    # The trust headline is shown exactly when the card has a trust section, with the card's figures.
+    trust = model_card.get("trust") or {}
+    assert p.locator("#model-trust-row").is_visible() == bool(trust)
+    shown = p.inner_text("#model-trust") if trust else ""
+    ece = (trust.get("calibration") or {}).get("test_after", {}).get("ece")
+    if ece is not None:
+        assert f"Calibrated (test ECE {percent(ece, 2)})" in shown, shown
+    least = (trust.get("ood") or {}).get("held_out", {}).get("min_family_not_digit_rate")
+    if least is not None:
+        assert f"at least {percent(least)} of each kind" in shown, shown
+    held_back = (trust.get("selective") or {}).get("test_digits_rejected")
+    if held_back is not None:
+        assert f"holds back {percent(held_back, 2)} of MNIST test digits" in shown, shown
     foreign = [url for url in page.requests if not url.startswith(server.url)]
     assert not foreign, f"the page fetched from elsewhere: {foreign}"
     assert not page.errors
