@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from reliability_helpers import LiveServer, rss_mb, running_server
-from service_helpers import b64, pixels_payload
+from service_helpers import b64, connect, pixels_payload, read_all
 
 #: The targets of the bounded-cost work: /healthz waits at most this long while an attack runs …
 HEALTHZ_MAX_S = 0.1
@@ -143,18 +143,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 
 
 def _connect(server: LiveServer) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", server.port), timeout=10)
-
-
-def _recv_all(sock: socket.socket, limit_s: float = 10.0) -> bytes:
-    sock.settimeout(limit_s)
-    data = b""
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-    except (ConnectionResetError, TimeoutError):
-        pass
-    return data
+    return connect(server.port)
 
 
 def _post_raw(server: LiveServer, path: str, body: bytes, content_type: str = "application/json") -> bytes:
@@ -166,7 +155,7 @@ def _post_raw(server: LiveServer, path: str, body: bytes, content_type: str = "a
             sock.sendall(body)
         except (BrokenPipeError, ConnectionResetError):
             pass  # answered (and closed) before the whole body went out: the point
-        return _recv_all(sock, 60)
+        return read_all(sock, 60)
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -196,7 +185,7 @@ def test_oversized_and_unfinished_headers(server: LiveServer) -> None:
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * (1 << 20) + b"\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
             pass
-        assert _recv_all(sock).startswith(b"HTTP/1.1 431")
+        assert read_all(sock).startswith(b"HTTP/1.1 431")
     before = peak_rss_mb(server_pids(server))
     # Four connections that start 50 MB headers and never finish them: each is cut off after the header limit.
     socks = [_connect(server) for _ in range(4)]
@@ -230,9 +219,9 @@ def test_silent_and_trickling_clients_are_cut_off(server: LiveServer) -> None:
             except (BrokenPipeError, ConnectionResetError):
                 break
             time.sleep(0.25)
-        assert _recv_all(silent, 5) == b""
-        assert _recv_all(headers, 5).startswith(b"HTTP/1.1 408")
-        assert _recv_all(body, 5).startswith(b"HTTP/1.1 408")
+        assert read_all(silent, 5) == b""
+        assert read_all(headers, 5).startswith(b"HTTP/1.1 408")
+        assert read_all(body, 5).startswith(b"HTTP/1.1 408")
         assert time.monotonic() - started < 8
     finally:
         for sock in (silent, headers, body):

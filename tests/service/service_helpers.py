@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import socket
 import struct
 import zlib
 from collections.abc import Iterable
@@ -82,3 +83,20 @@ def batches_larger_than_one(text: str) -> float:
 
 def accuracy(predicted: Iterable[int], labels: np.ndarray) -> float:
     return float(np.mean(np.fromiter(predicted, dtype=np.int64) == labels.astype(np.int64)))
+
+
+def connect(port: int) -> socket.socket:
+    """A raw TCP connection to a live server on loopback (for requests no HTTP client would send)."""
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def read_all(sock: socket.socket, limit_s: float = 10.0) -> bytes:
+    """Everything the server sends until it closes the connection (or ``limit_s`` passes, or it resets)."""
+    sock.settimeout(limit_s)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except (ConnectionResetError, TimeoutError):
+        pass
+    return data

@@ -212,7 +212,7 @@ def test_16_bit_and_float_images_are_scaled_not_clipped(mnist_test: tuple, class
 
 def test_an_opaque_card_in_a_transparent_margin_is_read_for_what_is_on_it(mnist_test: tuple) -> None:
     """A white card with a dark digit, pasted in a transparent margin, was read as the card's outline."""
-    x, y = mnist_test
+    x, _ = mnist_test
     for i in range(10):
         rgba = np.zeros((400, 400, 4), dtype=np.uint8)
         rgba[60:340, 60:340, :3] = dark_on_light(x[i])[..., None]

@@ -16,25 +16,14 @@ from collections.abc import Callable
 import httpx
 import pytest
 from conftest import LiveServer
-from service_helpers import metric, pixels_payload
+from service_helpers import connect, metric, pixels_payload, read_all
 
 StartServer = Callable[..., LiveServer]
 KEY = "server-test-key-0123456789abcdef"
 
 
 def _connect(server: LiveServer) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", server.port), timeout=10)
-
-
-def _read_all(sock: socket.socket, limit_s: float = 10.0) -> bytes:
-    sock.settimeout(limit_s)
-    data = b""
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-    except (ConnectionResetError, TimeoutError):
-        pass
-    return data
+    return connect(server.port)
 
 
 def _ready_in(server: LiveServer, seconds: float) -> bool:
@@ -55,7 +44,7 @@ def test_oversized_headers_are_431_and_never_buffered(live_server: StartServer) 
                 sock.sendall(head)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # closed as soon as the limit was passed, while the rest was still being sent
-            answer = _read_all(sock)
+            answer = read_all(sock)
         assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
         assert b"request_header_fields_too_large" in answer
     # Ordinary headers still pass.
@@ -67,9 +56,9 @@ def test_silent_and_slow_header_connections_are_closed(live_server: StartServer)
     with _connect(server) as silent, _connect(server) as slow:
         slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # …and never the blank line
         started = time.monotonic()
-        assert _read_all(silent, 5) == b""  # closed without a word: it never started a request
+        assert read_all(silent, 5) == b""  # closed without a word: it never started a request
         assert time.monotonic() - started < 3
-        answer = _read_all(slow, 5)
+        answer = read_all(slow, 5)
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert httpx.get(f"{server.url}/healthz").status_code == 200
 
