@@ -26,6 +26,7 @@ from service.codec import encode, predictions
 from service.core import DataPlane, request_info
 from service.deps import check_api_key
 from service.errors import CLIENT_CLOSED_REQUEST, ServiceError, error_body
+from service.routes.predict import json_budget, json_images
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,6 @@ class PredictFastPath:
         headers: dict[bytes, bytes],
         query: dict[str, Any],
     ) -> None:
-        from service.routes.predict import json_budget, json_images
-
         check_api_key(plane.settings.api_key, _presented_key(headers))
         model, version = query.get("model"), query.get("version")
         plane.resolve(model, version)  # 404 / 503 before the body is read
