@@ -101,8 +101,9 @@ def _text_pixels(body: bytes | bytearray) -> tuple[npt.NDArray[np.int64], bytes]
 
     Turning 784 numbers into Python objects and then into an array is most of what parsing a /v1/predict body costs;
     here the array's text, without its whitespace, must be digits in exactly a 28×28 array's skeleton of brackets and
-    commas, and must hold exactly as many digits as the parsed numbers are written with (so no leading zeros, nothing
-    numpy would read differently from a JSON parser). The rest of the document is decoded as usual.
+    commas; numpy must read it, as written, into 784 numbers; and the text must hold exactly as many digits as those
+    numbers are written with (so no leading zeros, nothing numpy would read differently from a JSON parser). The
+    rest of the document is decoded as usual.
     """
     key = body.find(b'"pixels"')
     if key < 0 or body.find(b'"pixels"', key + 1) >= 0:
@@ -113,10 +114,16 @@ def _text_pixels(body: bytes | bytearray) -> tuple[npt.NDArray[np.int64], bytes]
     end_match = _MATRIX_END.search(body, start)
     if end_match is None:
         return None
-    compact = bytes(body[start : end_match.end()]).translate(None, _WHITESPACE)
-    if compact.translate(None, b"0123456789") != _SKELETON:
+    section = bytes(body[start : end_match.end()])
+    compact = section.translate(None, _WHITESPACE)
+    if compact.translate(None, b"0123456789") != _SKELETON or b",," in compact or b"[," in compact or b",]" in compact:
+        return None  # not the skeleton, or an empty slot in it
+    try:
+        # The text as written, whitespace kept: "2 5 5" or a digit beside a bracket is not a number, and numpy's
+        # parser stops there (ValueError), as a JSON parser would.
+        values = np.fromstring(section.translate(_BRACKETS_AWAY), dtype=np.int64, sep=",")
+    except ValueError:
         return None
-    values = np.fromstring(compact.translate(_BRACKETS_AWAY), dtype=np.int64, sep=",")
     if values.size != SIZE * SIZE or values.min() < 0:
         return None
     written = len(compact) - len(_SKELETON)  # every other character is a digit

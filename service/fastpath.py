@@ -87,7 +87,11 @@ class PredictFastPath:
 
 
 def _headers(scope: Scope) -> dict[bytes, bytes]:
-    return {name: value for name, value in scope["headers"]}
+    """The request's headers, the first value of a repeated one (what Starlette reads, so the route agrees)."""
+    headers: dict[bytes, bytes] = {}
+    for name, value in scope["headers"]:
+        headers.setdefault(name, value)
+    return headers
 
 
 def _presented_key(headers: dict[bytes, bytes]) -> str | None:
@@ -108,7 +112,7 @@ def _query(raw: bytes) -> dict[str, Any] | None:
             return None
         if name in ("model", "version"):
             out[name] = value or None
-        elif name == "top_k" and value.isdigit() and 1 <= int(value) <= 10:
+        elif name == "top_k" and value.isascii() and value.isdigit() and 1 <= int(value) <= 10:
             out[name] = int(value)
         elif name == "return_image" and value.lower() in _BOOLS:
             out[name] = _BOOLS[value.lower()]

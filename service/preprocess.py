@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import logging
+import struct
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +23,8 @@ import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+
+log = logging.getLogger(__name__)
 
 Scale = Literal["0-255", "0-1"]
 FloatImage = npt.NDArray[np.float32]
@@ -119,9 +123,10 @@ def decode_image(data: bytes, max_pixels: int, budget: PixelBudget | None = None
                 # Let libjpeg decode at a reduced scale: far less work for big photos.
                 image.draft("L", (WORKING_SIDE, WORKING_SIDE))
             image.load()
+            scale = _wide_scale(image)  # from the samples as sent: a reduced image must be judged the same way
             image = _reduced(image)
-            image = ImageOps.exif_transpose(image)
-            gray = _to_ink_map(image)
+            image = _upright(image)
+            gray = _to_ink_map(image, scale)
     except (InvalidInput, PayloadTooLarge):
         raise
     except UnidentifiedImageError as exc:
@@ -130,7 +135,7 @@ def decode_image(data: bytes, max_pixels: int, budget: PixelBudget | None = None
         ) from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidInput(f"the image is too large: {exc}", code="image_too_large") from exc
-    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError, struct.error) as exc:
         # Pillow reports truncated or corrupt files through these.
         raise InvalidInput(f"the image could not be decoded: {exc}", code="undecodable_image") from exc
     return to_mnist(gray)
@@ -150,8 +155,13 @@ def _reduced(image: Image.Image) -> Image.Image:
     factor = max(image.size) // WORKING_SIDE
     if factor < 2:
         return image
-    if image.mode in WIDE_MODES:
-        return image.convert("F").reduce(factor)  # one band: the copy is the image's own size
+    if image.mode in ("I", "F"):
+        return image.reduce(factor)
+    if image.mode in WIDE_MODES:  # 16-bit: reduce() does not take it; block means in numpy, one copy of 2 bytes/pixel
+        samples = np.asarray(image)
+        h, w = (samples.shape[0] // factor) * factor, (samples.shape[1] // factor) * factor
+        blocks = samples[:h, :w].reshape(h // factor, factor, w // factor, factor)
+        return Image.fromarray(blocks.mean(axis=(1, 3), dtype=np.float32), mode="F")
     if image.mode in ("1", "P"):
         image = image.convert("RGBA" if _has_alpha(image) else "L")
     if len(image.getbands()) == 1:
@@ -160,34 +170,54 @@ def _reduced(image: Image.Image) -> Image.Image:
     return Image.merge(image.mode, bands)
 
 
+def _upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says; as it came when the EXIF block is broken (Pillow raises
+    anything from struct.error to KeyError on one), since the pixels themselves may be fine."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:
+        log.debug("unreadable EXIF block: the image is read unrotated", exc_info=True)
+        return image
+
+
 def _has_alpha(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
 
 
-def _wide_to_unit(image: Image.Image) -> FloatImage:
-    """16-bit, 32-bit integer and float samples → 0..1, scaled by the range they use (never clipped to 8 bits)."""
-    x = np.asarray(image, dtype=np.float32)
-    top = float(x.max()) if x.size else 1.0
+def _wide_scale(image: Image.Image) -> float | None:
+    """What 16-bit, 32-bit integer and float samples are divided by to lie in 0..1 (None for 8-bit modes).
+
+    16-bit samples by 65535; others by the range their largest value shows (0..1, 0..255, 0..65535, else itself),
+    read from the image as sent, before any reduction."""
+    if image.mode not in WIDE_MODES:
+        return None
     if image.mode.startswith("I;16"):
-        scale = 65535.0
-    elif top <= 1.0 and image.mode == "F":
-        scale = 1.0
-    elif top <= 255.0:
-        scale = 255.0
-    elif top <= 65535.0:
-        scale = 65535.0
-    else:
-        scale = top
-    out: FloatImage = np.clip(x / np.float32(scale), 0.0, 1.0)
+        return 65535.0
+    extrema = image.getextrema()
+    top = float(extrema[1]) if isinstance(extrema, tuple) and not isinstance(extrema[1], tuple) else 1.0
+    if top <= 1.0 and image.mode == "F":
+        return 1.0
+    if top <= 255.0:
+        return 255.0
+    if top <= 65535.0:
+        return 65535.0
+    return top
+
+
+def _wide_to_unit(image: Image.Image, scale: float) -> FloatImage:
+    """16-bit, 32-bit integer and float samples → 0..1 by ``scale`` (never clipped to 8 bits)."""
+    out: FloatImage = np.clip(np.asarray(image, dtype=np.float32) / np.float32(scale), 0.0, 1.0)
     return out
 
 
-def _to_ink_map(image: Image.Image) -> FloatImage:
-    """Grayscale float 0..1 at a working size; transparency-drawn images become their alpha (ink = opaque)."""
+def _to_ink_map(image: Image.Image, wide_scale: float | None = None) -> FloatImage:
+    """Grayscale float 0..1 at a working size; transparency-drawn images become their alpha (ink = opaque).
+
+    ``wide_scale``: for 16-bit, 32-bit and float images, what their samples as sent were divided by."""
     if max(image.size) > WORKING_SIDE:
         image.thumbnail((WORKING_SIDE, WORKING_SIDE), Image.Resampling.BOX)  # already reduced: a small copy
     if image.mode in WIDE_MODES:
-        return _wide_to_unit(image)
+        return _wide_to_unit(image, wide_scale if wide_scale is not None else _wide_scale(image) or 1.0)
     if _has_alpha(image):
         rgba = image.convert("RGBA")
         pixels = np.asarray(rgba, dtype=np.float32) / 255.0

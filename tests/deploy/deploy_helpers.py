@@ -104,7 +104,7 @@ def image_env() -> dict[str, str]:
 
 #: One worker's memory at worst, in MB: models at rest (~125 MB) plus every per-worker budget full (docs/limits.md,
 #: "Memory, worst case per worker"); the adversarial suite measured 236 MB at most.
-WORKER_PEAK_MB = 320
+WORKER_PEAK_MB = 340
 #: One worker at rest: Python, FastAPI, onnxruntime and the shipped models loaded and warmed up.
 WORKER_REST_MB = 125
 #: The supervisor that runs when there is more than one worker (it imports neither FastAPI nor onnxruntime).

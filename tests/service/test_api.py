@@ -501,3 +501,21 @@ def test_compressed_bodies_are_415_not_invalid_json(client: TestClient) -> None:
         headers={"content-type": "application/json", "content-encoding": "gzip"},
     )
     assert v2.status_code == 415 and "Content-Encoding" in v2.json()["error"]
+
+
+def test_the_json_fast_path_answers_like_the_route(client: TestClient) -> None:
+    """Odd queries and repeated headers: the fast path (JSON /v1/predict) must answer exactly what the route does."""
+    body = {"pixels": [[0] * 28] * 28}
+    assert client.post("/v1/predict?top_k=%C2%B2", json=body).status_code == 422  # a Unicode digit, not a 500
+    assert client.post("/v1/predict?top_k=%D9%A3", json=body).status_code == 422
+    headers = [("content-type", "application/json"), ("content-encoding", "gzip"), ("content-encoding", "identity")]
+    repeated = client.post("/v1/predict", content=json.dumps(body), headers=headers)
+    assert error_of(repeated, 415)["code"] == "unsupported_encoding"  # the first value counts, as in the route
+
+
+def test_a_repeated_api_key_header_counts_its_first_value(make_client: ClientFactory) -> None:
+    key = "s3cret-key-for-tests-0123456789"
+    client = make_client(api_key=key)
+    body = json.dumps({"pixels": [[0] * 28] * 28})
+    headers = [("content-type", "application/json"), ("x-api-key", "wrong" * 5), ("x-api-key", key)]
+    assert error_of(client.post("/v1/predict", content=body, headers=headers), 401)["code"] == "unauthorized"

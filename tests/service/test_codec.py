@@ -255,3 +255,24 @@ def test_anything_else_leaves_the_text_path_with_the_same_outcome(
     body = json.dumps({"pixels": ZEROS, "scale": "0-255"}).encode().replace(*change, 1)
     assert body != json.dumps({"pixels": ZEROS, "scale": "0-255"}).encode(), why
     assert outcome(codec.parse_predict, body) == _without_text_path(monkeypatch, body), why
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (b"[0,", b"[2 5 5,"),  # whitespace inside a number: not JSON
+        (b"[0,", b"[1\n0,"),
+        (b"[[", b"[5["),  # stray digits beside brackets
+        (b"],[", b"]7,["),
+        (b"],[", b"],3["),
+        (b"[0,0,", b"[,00,"),  # an empty slot and a leading zero
+    ],
+)
+def test_the_text_path_refuses_what_is_not_json_and_never_raises(
+    monkeypatch: pytest.MonkeyPatch, old: bytes, new: bytes
+) -> None:
+    rows = b"[" + b",".join(b"[" + b",".join([b"0"] * 28) + b"]" for _ in range(28)) + b"]"
+    body = b'{"pixels": ' + rows.replace(old, new, 1) + b"}"
+    assert codec._text_pixels(body) is None
+    assert outcome(codec.parse_predict, body) == _without_text_path(monkeypatch, body)
+    assert outcome(codec.parse_predict, body)[0] == "error"

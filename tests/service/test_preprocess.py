@@ -248,3 +248,26 @@ def test_large_images_are_reduced_without_a_second_full_copy(mnist_test: tuple) 
     out = decode_image(png_bytes(rgba), MAX_PIXELS)
     reference = decode_image(png_bytes(dark_on_light(digit)), MAX_PIXELS)
     assert np.abs(out - reference).mean() < 0.05
+
+
+def test_a_broken_exif_block_is_read_unrotated_not_a_500(mnist_test: tuple) -> None:
+    page = dark_on_light(mnist_test[0][0])
+    plain, broken = io.BytesIO(), io.BytesIO()
+    Image.fromarray(page).save(plain, "PNG")
+    Image.fromarray(page).save(broken, "PNG", exif=bytes.fromhex("4578696600004d4d002a"))  # "Exif\0\0MM\0*": cut off
+    assert np.array_equal(decode_image(broken.getvalue(), MAX_PIXELS), decode_image(plain.getvalue(), MAX_PIXELS))
+
+
+def test_a_16_bit_image_is_judged_the_same_at_any_size() -> None:
+    """A 16-bit image using only 0..255 was blank at 600 px (scaled by 65535) and a digit at 1100 px (reduced, then
+    scaled by the range its samples used)."""
+    outcomes = []
+    for side in (600, 1100):
+        page = np.full((side, side), 255, np.uint16)
+        page[side // 5 : 4 * side // 5, side // 2 - side // 20 : side // 2 + side // 20] = 0
+        try:
+            decode_image(png_bytes(page), MAX_PIXELS)
+            outcomes.append("digit")
+        except InvalidInput as exc:
+            outcomes.append(exc.code)
+    assert outcomes[0] == outcomes[1]
