@@ -385,12 +385,23 @@ class UnbatchedRunner:
         self._executor = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="mnist-infer")
         self._accepting = True
 
+    def _leave_queue(self, ticket: list[bool], images: int) -> None:
+        """On the event loop: the request's images stop counting as queued, once (its run starts, or it is gone)."""
+        if not ticket[0]:
+            ticket[0] = True
+            self._admission.budget.started(images)
+
     def _job(
-        self, images: FloatArray, admitted: float, loop: asyncio.AbstractEventLoop, trace: object | None = None
+        self,
+        images: FloatArray,
+        admitted: float,
+        loop: asyncio.AbstractEventLoop,
+        ticket: list[bool],
+        trace: object | None = None,
     ) -> FloatArray:
         # Runs in the pool. After a drain that timed out, queued jobs answer 503 instead of being cancelled (a
         # cancelled future would end the request without an answer).
-        loop.call_soon_threadsafe(self._admission.budget.started, len(images))
+        loop.call_soon_threadsafe(self._leave_queue, ticket, len(images))
         if self._abandoned:
             raise ModelNotReady("the service shut down before this request ran")
         start = time.perf_counter()
@@ -413,8 +424,9 @@ class UnbatchedRunner:
             raise ModelNotReady("the service is not accepting inference requests (starting or shutting down)")
         self._admission.admit(len(images), len(self._in_flight))
         loop = asyncio.get_running_loop()
+        ticket = [False]  # whether its images have left the queue's count (on the event loop only)
         future = loop.run_in_executor(
-            self._executor, self._job, images, time.perf_counter(), loop, self._tracing.capture()
+            self._executor, self._job, images, time.perf_counter(), loop, ticket, self._tracing.capture()
         )
         self._in_flight.add(future)
         self._admission.report(len(self._in_flight))
@@ -425,6 +437,9 @@ class UnbatchedRunner:
                 self._metrics.failed.inc()
             raise
         finally:
+            # A request cancelled while it waited for the pool never runs _job: its images must not stay counted
+            # (a leak that, once it passed the wait budget, would refuse every request to the model).
+            self._leave_queue(ticket, len(images))
             self._in_flight.discard(future)
             self._admission.report(len(self._in_flight))
 

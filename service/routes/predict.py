@@ -73,6 +73,10 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
+#: A body's images as one float32 n × 28 × 28, and the top_k and return_image it names.
+Images = tuple[FloatArray, int | None, bool | None]
+
+
 def _item_image(item: Item, settings: Settings, budget: PixelBudget) -> FloatArray:
     image = item_image(item)
     if image is not None:
@@ -92,21 +96,31 @@ def _items_images(items: Sequence[Item], settings: Settings, indexed: bool) -> l
     return images
 
 
-async def json_images(
-    body: bytes | bytearray, plane: DataPlane, batch: bool
-) -> tuple[FloatArray, int | None, bool | None]:
-    """A JSON predict or batch body → the images (float32 n × 28 × 28), top_k and return_image it names.
+#: JSON bodies at least this large are parsed in the decode pool, not on the event loop (a digit's body is ~2.6 KB).
+OFF_LOOP_BYTES = 64 * 1024
 
-    Plain pixel arrays are converted on the spot (cheap); images to decode go to the bounded decode pool.
-    """
-    settings = plane.settings
+
+def _json_images_now(body: bytes | bytearray, settings: Settings, batch: bool) -> Images:
     parsed = parse_batch(body, settings.max_batch_items) if batch else parse_predict(body)
     if parsed.images is not None:  # plain pixels, already one array
         return parsed.images, parsed.top_k, parsed.return_image
-    if any(item.image_base64 is not None for item in parsed.items):
-        images = await plane.decode(_items_images, parsed.items, settings, batch)
-    else:
-        images = _items_images(parsed.items, settings, batch)
+    return np.stack(_items_images(parsed.items, settings, batch)), parsed.top_k, parsed.return_image
+
+
+async def json_images(body: bytes | bytearray, plane: DataPlane, batch: bool) -> Images:
+    """A JSON predict or batch body → the images (float32 n × 28 × 28), top_k and return_image it names.
+
+    A small body of plain pixel arrays is converted on the spot (cheaper than a thread hop); a large body, and any
+    item that needs more than that (an image to decode, pixels to normalise, a document pydantic has to judge), goes
+    to the bounded decode pool, so that the event loop keeps answering other requests meanwhile.
+    """
+    settings = plane.settings
+    if len(body) >= OFF_LOOP_BYTES:
+        return await plane.decode(_json_images_now, body, settings, batch)
+    parsed = parse_batch(body, settings.max_batch_items) if batch else parse_predict(body)
+    if parsed.images is not None:
+        return parsed.images, parsed.top_k, parsed.return_image
+    images = await plane.decode(_items_images, parsed.items, settings, batch)
     return np.stack(images), parsed.top_k, parsed.return_image
 
 

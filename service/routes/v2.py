@@ -17,7 +17,6 @@ gRPC is :mod:`service.grpc_server`; both call the checks of ``service.protocol``
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from typing import Annotated, Any
 
@@ -200,7 +199,7 @@ async def _infer(request: Request, plane: DataPlane, name: str, version: str | N
             input_name=served.classifier.input.name,
             max_images=max_images,
         )
-        parsed = await asyncio.to_thread(parse) if len(body) >= OFF_LOOP_BYTES else parse()
+        parsed = await plane.decode(parse) if len(body) >= OFF_LOOP_BYTES else parse()
         del body
     answer = await plane.infer(name, version, parsed.images, request_info(request.scope))
     content, headers = encode_infer_response(answer, parsed.id, parsed.outputs)

@@ -372,3 +372,24 @@ def test_unbatched_stop_answers_503_to_requests_it_could_not_run() -> None:
         assert not queued.cancelled()
 
     run(scenario)
+
+
+def test_a_request_cancelled_while_it_waits_gives_its_images_back() -> None:
+    """UnbatchedRunner counted a request cancelled in the pool's queue (a gRPC deadline) as waiting for ever."""
+    model = RecordingModel(delay_s=0.3)
+
+    async def scenario() -> int:
+        budget = QueueBudget(max_images=4096, max_wait_s=0.5)
+        runner = UnbatchedRunner(model, threads=1, budget=budget)
+        await runner.start()
+        first = asyncio.ensure_future(runner.predict(image(0.1)))
+        await asyncio.sleep(0.05)
+        queued = asyncio.ensure_future(runner.predict(image(0.2)))
+        await asyncio.sleep(0.05)
+        queued.cancel()
+        await first
+        await asyncio.sleep(0.4)
+        await runner.stop(1)
+        return budget.queued_images
+
+    assert run(scenario) == 0
