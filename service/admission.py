@@ -14,6 +14,7 @@ limits (pixels per image and per request, raster bytes, the decode pool) in :mod
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 
 from service.cpus import usable_cpus
 from service.errors import Overloaded, PayloadTooLarge
+
+log = logging.getLogger(__name__)
 
 #: Arrays in one 28×28 ``pixels`` value (the outer one and its 28 rows), and numbers in it.
 PIXEL_ARRAYS, PIXEL_VALUES = 29, 784
@@ -108,6 +111,8 @@ class BodyBudget:
         self.held += n
 
     def give_back(self, n: int) -> None:
+        if n > self.held:
+            log.warning("body budget: %d bytes given back but %d held (an accounting bug)", n, self.held)
         self.held = max(0, self.held - n)
 
     @asynccontextmanager
@@ -153,6 +158,10 @@ class QueueBudget:
 
     def started(self, n: int) -> None:
         """``n`` admitted images left the queue for a model run."""
+        if n > self.queued_images:
+            log.warning(
+                "queue budget: %d images left the queue but %d were queued (an accounting bug)", n, self.queued_images
+            )
         self.queued_images = max(0, self.queued_images - n)
 
     def observe_run(self, images: int, seconds: float) -> None:

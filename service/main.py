@@ -56,7 +56,7 @@ from service.model import (
 from service.repository import ModelLoader, ModelRepository
 from service.routes import admin, health, predict, v2
 from service.schemas import BatchRequest, InferRequest, PredictRequest
-from service.server import SHUTDOWN_STARTED
+from service.server import EARLY_RELOAD, SHUTDOWN_STARTED
 from service.settings import SUPERVISOR_ENV, Settings
 from service.tracing import NO_TRACING, Tracing
 from service.tracing import from_settings as tracing_from_settings
@@ -158,11 +158,15 @@ def _reload_on_sighup(repository: ModelRepository) -> Iterator[None]:
         installed = True
     except (AttributeError, NotImplementedError, RuntimeError, ValueError):  # no SIGHUP here, or not the main thread
         installed = False
+    if installed and EARLY_RELOAD.is_set():  # one came while the worker started: reload after the first load
+        EARLY_RELOAD.clear()
+        repository.reload_in_background()
     try:
         yield
     finally:
         if installed:
             loop.remove_signal_handler(signal.SIGHUP)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # shutting down: a late SIGHUP must not end the process
 
 
 async def _start_grpc(app: FastAPI) -> GrpcServer | None:

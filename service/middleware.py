@@ -32,9 +32,9 @@ class BodySizeLimit:
     """The body limits, before the app reads a byte of it.
 
     - 413 when Content-Length says the body is too big (nothing read), or as soon as a streamed body passes it;
-    - 503 (Retry-After) when this worker already holds ``max_inflight_bytes`` of request bodies: the request's
-      declared length is taken from the shared :class:`~service.admission.BodyBudget` up front (streamed bodies
-      take theirs chunk by chunk) and given back when it is answered.
+    - 503 (Retry-After) when this worker already holds ``max_inflight_bytes`` of request bodies: each chunk is
+      taken from the shared :class:`~service.admission.BodyBudget` as it arrives and all of it given back when the
+      request is answered.
     """
 
     def __init__(self, app: ASGIApp, max_body_bytes: int, max_inflight_bytes: int | None = None) -> None:
@@ -57,31 +57,24 @@ class BodySizeLimit:
         received = 0
         limit = self.max_body_bytes
         budget = self.budget
-        taken = declared or 0
-        try:
-            budget.take(taken)
-        except Overloaded as busy:
-            # Not "connection: close": the server reads and drops the body it did not want, so that the client,
-            # still sending it, gets to read this answer (closing on unread data resets the connection).
-            await _send_error(scope, send, 503, busy.code, busy.message, protocol, busy.headers, close=False)
-            return
 
         async def limited_receive() -> Message:
-            nonlocal received, taken
+            # Bytes are charged to the worker's budget as they arrive: what a request holds is what it has sent,
+            # not what its Content-Length promises (a few slow clients promising 16 MB must not lock others out).
+            nonlocal received
             message = await receive()
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
+                chunk = len(message.get("body", b""))
+                if received + chunk > limit:
                     raise BodyTooLarge(limit)
-                if received > taken:  # no (or a false) Content-Length: take the chunks as they come
-                    budget.take(received - taken)
-                    taken = received
+                budget.take(chunk)
+                received += chunk
             return message
 
         try:
             await self.app(scope, limited_receive, send)
         finally:
-            budget.give_back(taken)
+            budget.give_back(received)
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -40,6 +40,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -61,6 +62,10 @@ log = logging.getLogger("service.server")
 
 #: prometheus-client's multiprocess directory variable (service.metrics reads it; not imported here on purpose).
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+#: uvicorn's exit code for a server that could not start (its lifespan failed, its socket could not be used).
+STARTUP_FAILURE = 3
+#: A worker that dies this many times within RESTART_WINDOW_S seconds is not restarted again: the server stops.
+MAX_RESTARTS, RESTART_WINDOW_S = 5, 60.0
 #: prctl(2) option: the signal a process gets when its parent dies.
 PR_SET_PDEATHSIG = 1
 
@@ -71,11 +76,16 @@ class ConnectionLimits:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     max_connections: int = 1024
+    drain_s: float = 10.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConnectionLimits:
         return cls(
-            settings.max_header_bytes, settings.header_timeout_s, settings.body_timeout_s, settings.max_connections
+            settings.max_header_bytes,
+            settings.header_timeout_s,
+            settings.body_timeout_s,
+            settings.max_connections,
+            settings.shutdown_timeout_s,
         )
 
 
@@ -129,6 +139,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     #: This worker's connections not running a request, least recently active first (dicts keep insertion order):
     #: the one to close when a new connection passes the cap, found without scanning them all.
     idle: dict[LimitedHttpToolsProtocol, None] = {}  # noqa: RUF012 (one event loop per process)
+    #: Connections whose request body is still arriving, the one that made progress longest ago first: when no
+    #: connection is idle, the most stalled of these is closed (408) so that a newcomer, a probe say, gets in.
+    receiving: dict[LimitedHttpToolsProtocol, None] = {}  # noqa: RUF012
 
     def __init__(self, config: Config, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
@@ -147,14 +160,21 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._arm(self.limits.header_timeout_s, self._header_timeout)
 
     def _evict_one(self) -> None:
-        victim = next(iter(self.idle), self)  # every other connection running a request: the newcomer goes
-        self.idle.pop(victim, None)
         if not LimitedHttpToolsProtocol.warned:
             self.logger.warning(
                 "over %d connections: closing the least recently active idle ones", self.limits.max_connections
             )
             LimitedHttpToolsProtocol.warned = True
-        victim.transport.close()
+        victim = next(iter(self.idle), None)
+        if victim is not None:
+            self.idle.pop(victim)
+            victim.transport.close()
+            return
+        stalled = next(iter(self.receiving), None)
+        if stalled is not None:  # nobody idle: the body that has made no progress for longest goes, with a 408
+            stalled._body_timeout()
+            return
+        self.transport.close()  # every other connection is running a request the service has read: the newcomer goes
 
     warned = False
 
@@ -179,8 +199,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _body_timeout(self) -> None:
         self.deadline = None
+        self.receiving.pop(self, None)
         cycle = self.cycle
-        if self.transport.is_closing() or cycle is None or cycle.response_complete:
+        if self.transport.is_closing() or cycle is None:
+            return
+        if cycle.response_complete:  # answered early (401, 413, 503…), and still sending a body nobody reads
+            self.transport.close()
             return
         self.logger.info("a request body did not arrive within %.0f s: 408", self.limits.body_timeout_s)
         started = cycle.response_started
@@ -205,8 +229,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if self.deadline is None:  # a kept-alive connection's next request: its headers get the same time
-            self._arm(self.limits.header_timeout_s, self._header_timeout)
+        # From its first byte, a request's line and headers get the header time (a kept-alive connection's idle
+        # time before it is limited apart, in on_response_complete).
+        self._arm(self.limits.header_timeout_s, self._header_timeout)
 
     def on_headers_complete(self) -> None:
         self.in_headers = False
@@ -223,22 +248,44 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         if self.cycle is not None and self.cycle.more_body and _has_body(self.headers):
             self._arm(self.limits.body_timeout_s, self._body_timeout)
+            self.receiving[self] = None
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)
+        if self in self.receiving:  # progress: it goes to the back of the line of stalled bodies
+            del self.receiving[self]
+            self.receiving[self] = None
 
     def on_message_complete(self) -> None:
         self._disarm()
+        self.receiving.pop(self, None)
         super().on_message_complete()
         self.in_headers = True
         self.header_bytes = 0
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing():
-            self.idle[self] = None  # kept alive: idle again, the most recently active
+        if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
+            return  # closing, or a pipelined request has just started: not idle
+        self.idle[self] = None  # kept alive: idle again, the most recently active
+        if self.in_headers:
+            # uvicorn's keep-alive timer is cancelled by any byte, even a bare CRLF that starts no request: the
+            # header time bounds a kept-alive connection's silence too. (A body still arriving after an early answer
+            # keeps its body deadline.)
+            self._arm(self.limits.header_timeout_s, self._header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         self.idle.pop(self, None)
+        self.receiving.pop(self, None)
         super().connection_lost(exc)
+
+    @classmethod
+    def shorten_body_deadlines(cls, seconds: float) -> None:
+        """Shutdown: bodies still arriving must be done within ``seconds`` (the drain), or get 408 — not uvicorn's
+        cancellation, a 500, when its graceful timeout passes."""
+        for connection in list(cls.receiving):
+            connection._arm(seconds, connection._body_timeout)
 
 
 def _headers_too_large(limit: int) -> Any:
@@ -331,6 +378,8 @@ SHUTDOWN_STARTED: list[Callable[[], None]] = []
 
 class _Server(uvicorn.Server):
     async def shutdown(self, sockets: list[socket] | None = None) -> None:
+        limits = getattr(self.config, "mnist_limits", None) or ConnectionLimits()
+        LimitedHttpToolsProtocol.shorten_body_deadlines(limits.drain_s)
         for hook in SHUTDOWN_STARTED:
             try:
                 hook()
@@ -339,9 +388,19 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+#: SIGHUP arrived before the app could take it (while it imports and loads): it reloads once it serves.
+EARLY_RELOAD = threading.Event()
+
+
+def _hup_before_the_app(signum: int, _frame: FrameType | None) -> None:
+    EARLY_RELOAD.set()
+
+
 def _serve(config: Config, sockets: list[socket] | None = None) -> None:
     """Run one server (in this process, or in a worker the supervisor started) until it is told to stop."""
     _exit_zero_on_stop_signals()
+    signal.signal(signal.SIGHUP, _hup_before_the_app)  # SIGHUP's default action would end the process
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # blocked by the supervisor until now (see there)
     if sockets is not None:
         _stop_with_the_supervisor()
     _Server(config).run(sockets=sockets)
@@ -377,7 +436,13 @@ class Supervisor:
         from uvicorn._subprocess import get_subprocess
 
         process = get_subprocess(self.config, functools.partial(_serve, self.config), [sock])
-        process.start()
+        # The worker starts with SIGHUP blocked (a blocked signal stays blocked across exec, a handler does not), so
+        # a reload asked for while it imports waits for _serve's handler instead of ending it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         return process
 
     def _on_stop(self, signum: int, _frame: FrameType | None) -> None:
@@ -397,15 +462,28 @@ class Supervisor:
         log.info("supervisor %d: starting %d workers on %s:%d", os.getpid(), self.workers, *sock.getsockname()[:2])
         try:
             self.processes = [self._start_worker(sock) for _ in range(self.workers)]
+            restarts: list[float] = []
+            failed = False
             while not self.stopping:
                 if self.reload_requested:
                     self.reload_requested = False
                     self._signal_all(signal.SIGHUP)
                 for index, process in enumerate(self.processes):
-                    if not process.is_alive() and not self.stopping:
-                        log.error("worker %s exited with %s: starting another", process.pid, process.exitcode)
-                        _mark_dead(process.pid)
-                        time.sleep(0.5)  # a worker that cannot start must not spin the supervisor
+                    if process.is_alive() or self.stopping:
+                        continue
+                    _mark_dead(process.pid)
+                    now = time.monotonic()
+                    restarts = [t for t in restarts if now - t < RESTART_WINDOW_S]
+                    if process.exitcode == STARTUP_FAILURE or len(restarts) >= MAX_RESTARTS:
+                        # It cannot start (a port taken, settings refused) or keeps dying: restarting only hides it,
+                        # and the bound socket would take connections nobody serves.
+                        log.error("worker %s exited with %s: giving up", process.pid, process.exitcode)
+                        self.stopping = failed = True
+                        break
+                    log.error("worker %s exited with %s: starting another", process.pid, process.exitcode)
+                    restarts.append(now)
+                    time.sleep(min(5.0, 0.5 * 2 ** len(restarts)))  # backing off, not spinning
+                    if not self.stopping:
                         self.processes[index] = self._start_worker(sock)
                 signal.sigtimedwait((signal.SIGCHLD,), 0.2)
             self._signal_all(signal.SIGTERM)
@@ -419,7 +497,7 @@ class Supervisor:
                     process.kill()
                     process.join(5)
                 codes.append(process.exitcode)
-            return 0 if all(code == 0 for code in codes) else 1
+            return 0 if all(code == 0 for code in codes) and not failed else 1
         finally:
             sock.close()
             shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -465,7 +543,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     workers = worker_count(settings)
-    raise_file_limit(settings.max_connections + 256)
+    files = raise_file_limit(settings.max_connections + 256)
+    if files < settings.max_connections + 64:
+        print(
+            f"mnist-serve: warning: the open-files limit is {files}, too low for MNIST_SERVE_MAX_CONNECTIONS="
+            f"{settings.max_connections}: connections past it will be refused by the system, not by the service",
+            file=sys.stderr,
+        )
     config = uvicorn_config(settings)  # also configures logging
     if workers == 1:
         _serve(config)

@@ -7,6 +7,7 @@ one is reached in a second or two.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -190,3 +191,73 @@ def test_a_drain_that_runs_out_of_time_answers_503_not_500(live_server: StartSer
     assert set(statuses) <= {200, 503} and 503 in statuses, statuses
     assert server.process.wait(timeout=30) == 0
     assert "Traceback" not in server.log() and "drain ran out of time" in server.log()
+
+
+def test_slow_bodies_hold_only_what_they_sent_of_the_body_budget(live_server: StartServer, mnist_test: tuple) -> None:
+    """Four clients promising 16 MB and sending a byte used to take the whole 64 MiB budget: every POST got 503."""
+    server = live_server(env={"MNIST_SERVE_MAX_INFLIGHT_BODY_BYTES": str(200_000)})
+    promises = []
+    for _ in range(4):
+        sock = connect(server.port)
+        sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+        sock.sendall(b"Content-Length: 16000000\r\n\r\n{")
+        promises.append(sock)
+    try:
+        time.sleep(0.3)
+        answer = httpx.post(f"{server.url}/v1/predict", json=pixels_payload(mnist_test[0][0]), timeout=10)
+        assert answer.status_code == 200 and answer.json()["digit"] == mnist_test[1][0]
+        # Bodies that really hold the budget: past it, 503 with Retry-After, read by a client still sending.
+        big = json.dumps({"items": [pixels_payload(d) for d in mnist_test[0][:120]]}).encode()  # ~320 KB
+        refused = httpx.post(
+            f"{server.url}/v1/predict/batch", content=big, headers={"content-type": "application/json"}, timeout=10
+        )
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "too_many_bytes"
+        assert refused.headers["Retry-After"]
+    finally:
+        for sock in promises:
+            sock.close()
+
+
+def test_bodies_stalled_at_the_connection_cap_make_way_for_a_probe(live_server: StartServer) -> None:
+    """Connections whose bodies stall are not idle, but when every slot is taken the most stalled one goes (408)."""
+    server = live_server(env={"MNIST_SERVE_MAX_CONNECTIONS": "8"})
+    stalled = []
+    for _ in range(8):
+        sock = connect(server.port)
+        sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+        sock.sendall(b"Transfer-Encoding: chunked\r\n\r\n1\r\n{\r\n")
+        stalled.append(sock)
+    try:
+        time.sleep(0.3)
+        for _ in range(3):
+            assert _ready_in(server, 2.0)
+        assert read_all(stalled[0], 5).startswith(b"HTTP/1.1 408")  # the longest stalled made way
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def test_sighup_while_the_workers_start_reloads_instead_of_killing_them(live_server: StartServer) -> None:
+    server = live_server(env={"MNIST_SERVE_WORKERS": "2"}, wait=False)
+    time.sleep(1.0)  # the workers are importing and loading: the app's own SIGHUP handler is not there yet
+    server.process.send_signal(signal.SIGHUP)
+    server.wait_ready()
+    deadline = time.monotonic() + 30
+    while server.log().count("reloaded: now serving") < 2:  # each worker reloads once it serves
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.1)
+    assert "starting another" not in server.log()
+    assert server.stop() == 0
+
+
+def test_a_worker_that_cannot_start_stops_the_server_instead_of_looping(live_server: StartServer) -> None:
+    import socket as sockets
+
+    with sockets.socket() as taken:  # the gRPC port is taken: no worker can start
+        taken.setsockopt(sockets.SOL_SOCKET, sockets.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {"MNIST_SERVE_WORKERS": "2", "MNIST_SERVE_GRPC_PORT": str(taken.getsockname()[1])}
+        server = live_server(env=env, wait=False)
+        assert server.process.wait(timeout=60) == 1
+    assert "giving up" in server.log()
