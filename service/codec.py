@@ -92,77 +92,164 @@ _WHITESPACE = b" \t\r\n"
 _BRACKETS_AWAY = bytes.maketrans(b"[]", b"  ")
 _MATRIX_END = re.compile(rb"\]\s*\]")
 #: Powers of ten: the number of digits a non-negative integer is written with, by searchsorted.
+#: The longest compact 28×28 array of int64 numbers (19 digits each): how far the quick look for its end goes.
+_LONGEST_COMPACT = len(_SKELETON) + 19 * SIZE * SIZE
 _POW10 = np.array([10**k for k in range(1, 19)], dtype=np.int64)
 
 
-def _text_pixels(body: bytes | bytearray) -> tuple[npt.NDArray[np.int64], bytes] | None:
-    """The single ``pixels`` array of a body in the common form — 28 rows of 28 JSON integers — read by numpy straight
-    from the text, and the body with that array replaced by ``0``; None for anything else.
+def _is_skeleton(compact: bytes) -> bool:
+    """A 28×28 array of digit runs, without whitespace: the skeleton of brackets and commas, no slot empty."""
+    if compact.translate(None, b"0123456789") != _SKELETON:
+        return False
+    return b",," not in compact and b"[," not in compact and b",]" not in compact
 
-    Turning 784 numbers into Python objects and then into an array is most of what parsing a /v1/predict body costs;
-    here the array's text, without its whitespace, must be digits in exactly a 28×28 array's skeleton of brackets and
-    commas; numpy must read it, as written, into 784 numbers; and the text must hold exactly as many digits as those
-    numbers are written with (so no leading zeros, nothing numpy would read differently from a JSON parser). The
-    rest of the document is decoded as usual.
+
+def _digits_written(values: npt.NDArray[np.int64], largest: int) -> int:
+    """How many digits the non-negative ``values`` (``largest`` the largest) take written in decimal without
+    leading zeros."""
+    count = values.size
+    for power in _POW10:
+        if power > largest:
+            break
+        count += int(np.count_nonzero(values >= power))
+    return count
+
+
+@dataclass(frozen=True, slots=True)
+class _TextArrays:
+    """Where a body's ``pixels`` arrays are written (see :func:`_text_arrays`), and the rest of the body."""
+
+    spans: list[tuple[int, int]]
+    digits: int
+    """How many digits the arrays' numbers are written with, all together."""
+    rest: bytes
+    """The body with each array replaced by ``0``."""
+
+
+def _text_arrays(body: bytes | bytearray, most: int) -> _TextArrays | None:
+    """Every ``pixels`` array of a body in the common form — 28 rows of 28 JSON integers — in the order written;
+    None for anything else (or for more than ``most`` of them).
+
+    Turning 784 numbers into Python objects and then into an array is most of what parsing a pixels body costs;
+    here each array's text, without its whitespace, must be digits in exactly a 28×28 array's skeleton of brackets
+    and commas (then :func:`_read_arrays` has numpy read the numbers). The rest of the document is decoded as
+    usual, and the caller checks that each ``0`` stands where a ``pixels`` value belongs.
     """
+    spans: list[tuple[int, int]] = []
+    rest: list[bytes | bytearray] = []
+    digits = 0
+    done = 0
     key = body.find(b'"pixels"')
-    if key < 0 or body.find(b'"pixels"', key + 1) >= 0:
+    while key >= 0:
+        if len(spans) == most:
+            return None
+        start = body.find(b"[", key)
+        if start < 0 or body[key + 8 : start].strip() != b":":
+            return None
+        # The end of a compactly written array (a quick look, as far as such an array can reach), else the general one.
+        end = body.find(b"]]", start, start + _LONGEST_COMPACT) + 2
+        compact = bytes(body[start:end]).translate(None, _WHITESPACE) if end > 1 else b""
+        if not _is_skeleton(compact):
+            end_match = _MATRIX_END.search(body, start)
+            if end_match is None:
+                return None
+            end = end_match.end()
+            compact = bytes(body[start:end]).translate(None, _WHITESPACE)
+            if not _is_skeleton(compact):
+                return None
+        spans.append((start, end))
+        digits += len(compact) - len(_SKELETON)  # every other character is a digit
+        rest += (body[done:start], b"0")
+        done = end
+        key = body.find(b'"pixels"', done)
+    if not spans:
         return None
-    start = body.find(b"[", key)
-    if start < 0 or body[key + 8 : start].strip() != b":":
-        return None
-    end_match = _MATRIX_END.search(body, start)
-    if end_match is None:
-        return None
-    section = bytes(body[start : end_match.end()])
-    compact = section.translate(None, _WHITESPACE)
-    if compact.translate(None, b"0123456789") != _SKELETON or b",," in compact or b"[," in compact or b",]" in compact:
-        return None  # not the skeleton, or an empty slot in it
-    try:
-        # The text as written, whitespace kept: "2 5 5" or a digit beside a bracket is not a number, and numpy's
-        # parser stops there (ValueError), as a JSON parser would.
-        values = np.fromstring(section.translate(_BRACKETS_AWAY), dtype=np.int64, sep=",")
-    except ValueError:
-        return None
-    if values.size != SIZE * SIZE or values.min() < 0:
-        return None
-    written = len(compact) - len(_SKELETON)  # every other character is a digit
-    if written != int(np.searchsorted(_POW10, values, side="right").sum()) + values.size:
+    rest.append(body[done:])
+    return _TextArrays(spans, digits, b"".join(rest))
+
+
+def _read_arrays(body: bytes | bytearray, found: _TextArrays, tops: list[float]) -> FloatImage | None:
+    """The arrays :func:`_text_arrays` found, each divided by its scale's top (float32 n × 28 × 28, as
+    :func:`~service.preprocess.from_pixels` computes it); None when one is not what a JSON parser reads, or lies
+    outside its scale's range (the full parse then says how).
+
+    numpy must read each array's text, as written, into 784 numbers, and the text must hold exactly as many digits
+    as those numbers are written with (so no leading zeros, nothing numpy would read differently from a JSON
+    parser). A block of arrays at a time: only the float32 result is kept whole.
+    """
+    images = np.empty((len(found.spans), SIZE, SIZE), np.float32)
+    one_scale, lowest = tops.count(tops[0]) == len(tops), min(tops)
+    digits = 0
+    for first in range(0, len(found.spans), _CONVERT_ROWS):
+        block = found.spans[first : first + _CONVERT_ROWS]
+        text = b",".join([body[start:end] for start, end in block]) if len(block) > 1 else bytes(body[slice(*block[0])])
+        try:
+            # The text as written, whitespace kept: "2 5 5" or a digit beside a bracket is not a number, and numpy's
+            # parser stops there (ValueError), as a JSON parser would.
+            values = np.fromstring(text.translate(_BRACKETS_AWAY), dtype=np.int64, sep=",")
+        except ValueError:
+            return None
+        if values.size != len(block) * SIZE * SIZE or values.min() < 0:
+            return None
+        values = values.reshape(-1, SIZE, SIZE)
+        largest = int(values.max())
+        top: float | npt.NDArray[np.float64] = tops[0]
+        if not one_scale:
+            top = np.array(tops[first : first + len(block)])[:, None, None]
+        if largest > lowest and (values > top).any():
+            return None
+        digits += _digits_written(values, largest)
+        np.divide(values, top, out=images[first : first + len(block)], casting="unsafe")  # float64 maths
+    if digits != found.digits:
         return None  # leading zeros, or a number too long for int64
-    return values.reshape(SIZE, SIZE), bytes(body[:start]) + b"0" + bytes(body[end_match.end() :])
+    return images
 
 
-def _parse_text_pixels(body: bytes | bytearray) -> Parsed | None:
-    """:func:`parse_predict` for a body in the common form (see :func:`_text_pixels`), or None to parse it in full."""
-    found = _text_pixels(body)
+def _parse_text(body: bytes | bytearray, batch: bool, most: int) -> Parsed | None:
+    """:func:`parse_predict` or :func:`parse_batch` for a body whose every item is plain pixels in the common form
+    (see :func:`_text_arrays`), or None to parse it in full (which also finds and words any error)."""
+    found = _text_arrays(body, most)
     if found is None:
         return None
-    pixels, rest = found
     try:
-        doc = _decode(rest)
+        doc = _decode(found.rest)
     except _NOT_PLAIN:
         return None
-    if type(doc) is not dict or doc.get("pixels") != 0 or type(doc["pixels"]) is not int:
-        return None  # the array was not the value of the document's own "pixels" key
-    if not doc.keys() <= _REQUEST_FIELDS or "image_base64" in doc or doc.get("normalize", False) is not False:
+    if type(doc) is not dict:
         return None
-    scale = doc.get("scale", "0-255")
-    if type(scale) is not str or scale not in _SCALE_TOP:
-        return None
-    top = _SCALE_TOP[scale]
-    if pixels.min() < 0 or pixels.max() > top:
-        return None  # out of range: the full parse says how
+    if batch:
+        items, allowed = doc.get("items"), _ITEM_FIELDS
+        if not doc.keys() <= _BATCH_FIELDS or type(items) is not list or len(items) != len(found.spans):
+            return None
+    else:
+        items, allowed = [doc], _REQUEST_FIELDS
+    scales: list[str] = []
+    for item in items:
+        if type(item) is not dict or not item.keys() <= allowed:
+            return None
+        pixels = item.get("pixels")
+        if type(pixels) is not int or pixels != 0:
+            return None  # an array taken out was not this item's own "pixels" value
+        if "image_base64" in item or item.get("normalize", False) is not False:
+            return None
+        scale = item.get("scale", "0-255")
+        if type(scale) is not str or scale not in _SCALE_TOP:
+            return None
+        scales.append(scale)
     try:
         top_k, return_image = _options(doc)
     except _NeedsPydantic:
         return None
-    image = (pixels / top).astype(np.float32)
-    return Parsed([Item(image=image, scale=cast(Scale, scale))], top_k, return_image, image[np.newaxis])
+    images = _read_arrays(body, found, [_SCALE_TOP[scale] for scale in scales])
+    if images is None:
+        return None
+    parsed = [Item(image=image, scale=cast(Scale, scale)) for image, scale in zip(images, scales, strict=True)]
+    return Parsed(parsed, top_k, return_image, images)
 
 
 def parse_predict(body: bytes | bytearray) -> Parsed:
     """A ``POST /v1/predict`` JSON body (see :class:`~service.schemas.PredictRequest`)."""
-    fast = _parse_text_pixels(body)
+    fast = _parse_text(body, False, 1)
     if fast is not None:
         return fast
     try:
@@ -177,6 +264,9 @@ def parse_predict(body: bytes | bytearray) -> Parsed:
 
 def parse_batch(body: bytes | bytearray, max_items: int) -> Parsed:
     """A ``POST /v1/predict/batch`` JSON body; more than ``max_items`` items is :class:`PayloadTooLarge`."""
+    fast = _parse_text(body, True, max_items)
+    if fast is not None:
+        return fast
     items: Any = None
     try:
         doc = _decode(body)

@@ -13,7 +13,7 @@ from collections.abc import Collection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.admission import BodyBudget
-from service.errors import Overloaded, PayloadTooLarge, ServiceError, error_body, is_protocol_path
+from service.errors import PayloadTooLarge, ServiceError, error_body, is_protocol_path
 from service.metrics import ServiceMetrics
 
 

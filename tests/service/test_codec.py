@@ -50,7 +50,7 @@ def both_ways(monkeypatch: pytest.MonkeyPatch, parse: Any, body: bytes) -> tuple
 
     with monkeypatch.context() as patch:
         patch.setattr(codec, "_fast_items", refuse)
-        patch.setattr(codec, "_text_pixels", lambda _body: None)
+        patch.setattr(codec, "_parse_text", lambda *_: None)
         slow = outcome(parse, body)
     return fast, slow
 
@@ -204,7 +204,7 @@ def test_a_batch_of_bad_items_stops_at_the_first_one() -> None:
 
 def _without_text_path(monkeypatch: pytest.MonkeyPatch, body: bytes) -> Any:
     with monkeypatch.context() as patch:
-        patch.setattr(codec, "_text_pixels", lambda _body: None)
+        patch.setattr(codec, "_parse_text", lambda *_: None)
         return outcome(codec.parse_predict, body)
 
 
@@ -227,7 +227,8 @@ def test_the_text_path_reads_what_a_json_parser_reads(monkeypatch: pytest.Monkey
         for body in _layouts(digit_image.astype(int).tolist()):
             text = outcome(codec.parse_predict, body)
             assert text == _without_text_path(monkeypatch, body), body[:80]
-            taken += codec._text_pixels(body) is not None
+            assert outcome(codec.parse_predict, bytearray(body)) == text  # as the routes read a body
+            taken += codec._parse_text(body, False, 1) is not None
     assert taken >= 20  # the common forms do take it
 
 
@@ -273,6 +274,79 @@ def test_the_text_path_refuses_what_is_not_json_and_never_raises(
 ) -> None:
     rows = b"[" + b",".join(b"[" + b",".join([b"0"] * 28) + b"]" for _ in range(28)) + b"]"
     body = b'{"pixels": ' + rows.replace(old, new, 1) + b"}"
-    assert codec._text_pixels(body) is None
+    assert codec._text_arrays(body, 1) is None or codec._parse_text(body, False, 1) is None
     assert outcome(codec.parse_predict, body) == _without_text_path(monkeypatch, body)
     assert outcome(codec.parse_predict, body)[0] == "error"
+
+
+def _batch_without_text_path(monkeypatch: pytest.MonkeyPatch, body: bytes, max_items: int = 1024) -> Any:
+    with monkeypatch.context() as patch:
+        patch.setattr(codec, "_parse_text", lambda *_: None)
+        return outcome(lambda b: codec.parse_batch(b, max_items), body)
+
+
+def test_the_batch_text_path_reads_what_a_json_parser_reads(monkeypatch: pytest.MonkeyPatch, mnist_test: tuple) -> None:
+    """A whole batch of plain digits is read from the text at once; every layout means what pydantic makes of it."""
+    digits = [image.astype(int).tolist() for image in mnist_test[0][:64]]
+    bodies = [
+        json.dumps({"items": [{"pixels": d, "scale": "0-255"} for d in digits]}).encode(),
+        json.dumps({"items": [{"pixels": d} for d in digits]}, separators=(",", ":")).encode(),
+        json.dumps(
+            {"top_k": 2, "items": [{"scale": "0-255", "pixels": d} for d in digits], "return_image": False}, indent=1
+        ).encode(),
+        json.dumps(
+            {
+                "items": [{"pixels": [[min(v, 1) for v in row] for row in d], "scale": "0-1"} for d in digits[:3]]
+                + [{"pixels": d} for d in digits[3:]]
+            }
+        ).encode(),
+    ]
+    for body in bodies:
+        assert codec._parse_text(body, True, 1024) is not None, body[:80]
+        text = outcome(lambda b: codec.parse_batch(b, 1024), body)
+        assert text == _batch_without_text_path(monkeypatch, body), body[:80]
+        assert len(text[0]) == 64
+
+
+@pytest.mark.parametrize(
+    ("document", "why"),
+    [
+        ({"items": [{"pixels": ZEROS}, {"pixels": ZEROS, "scale": "0-1", "normalize": True}]}, "normalize asked"),
+        ({"items": [{"pixels": ZEROS}, {"image_base64": "AAAA"}]}, "an encoded item"),
+        ({"items": [{"pixels": ZEROS}, {"pixels": digit(300)}]}, "out of range"),
+        ({"items": [{"pixels": ZEROS}, {"pixels": ZEROS, 'a"pixels': ZEROS}]}, "a key ending in pixels"),
+        ({"items": [{"pixels": ZEROS}], "pixels": ZEROS}, "pixels outside the items"),
+        ({"items": [{"pixels": ZEROS}] * 5}, "more items than allowed"),
+        ({"items": [{"pixels": ZEROS}, {"pixels": ZEROS, "top_k": 3}]}, "an option inside an item"),
+    ],
+)
+def test_a_batch_not_in_the_plain_form_leaves_the_text_path_with_the_same_outcome(
+    monkeypatch: pytest.MonkeyPatch, document: dict, why: str
+) -> None:
+    body = json.dumps(document).encode()
+    fast = outcome(lambda b: codec.parse_batch(b, 4), body)
+    assert fast == _batch_without_text_path(monkeypatch, body, 4), why
+
+
+def test_a_duplicate_pixels_key_in_a_batch_item_means_what_json_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    item = b'{"pixels": ' + json.dumps(digit(9)).encode() + b', "pixels": ' + json.dumps(digit(200)).encode() + b"}"
+    body = b'{"items": [' + item + b"]}"
+    assert outcome(lambda b: codec.parse_batch(b, 4), body) == _batch_without_text_path(monkeypatch, body, 4)
+
+
+def test_a_large_batch_of_digits_is_read_holding_little_more_than_its_images(mnist_test: tuple) -> None:
+    """1,024 digits (3.2 MB as float32): no tree of Python numbers, no int64 copy of the whole batch."""
+    import tracemalloc
+
+    images = mnist_test[0][np.arange(1024) % len(mnist_test[0])]
+    body = bytearray(json.dumps({"items": [{"pixels": image.tolist()} for image in images]}).encode())
+    tracemalloc.start()
+    try:
+        parsed = codec.parse_batch(body, max_items=1024)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert parsed.images is not None
+    np.testing.assert_array_equal(parsed.images, (images / 255.0).astype(np.float32))
+    result = parsed.images.nbytes
+    assert peak < 2 * result, f"parsing held {peak / 2**20:.1f} MiB for a {result / 2**20:.1f} MiB result"
