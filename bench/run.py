@@ -3,6 +3,7 @@
     make bench                                  # = python -m bench.run: about 5 minutes on 2 cores
     python -m bench.run --duration 5 --rounds 1 --json /tmp/bench.json
     python -m bench.run --server-cwd /path/to/another/checkout   # the same measurements of another version
+    python -m bench.run --setting workers=1                      # with a service setting (MNIST_SERVE_WORKERS=1)
 
 What it measures, every row on the same machine in the same run:
 
@@ -74,6 +75,18 @@ def _status(pid: int, key: str) -> float:
     return float("nan")
 
 
+def _pss_mb(pid: int) -> float:
+    """The process's proportional share of memory (pages shared by n processes count 1/n in each): what the
+    processes of a server use together is the sum of their PSS, where their RSS would count shared pages twice."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def _children(pid: int) -> list[int]:
     try:
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -106,6 +119,9 @@ class Server:
 
     def peak_rss_mb(self) -> dict[int, float]:
         return {pid: _status(pid, "VmHWM") for pid in self.pids}
+
+    def pss_mb(self) -> float:
+        return sum(_pss_mb(pid) for pid in self.pids)
 
 
 @contextmanager
@@ -286,7 +302,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per load row (the median is kept)")
     parser.add_argument("--server-cwd", type=Path, default=ROOT, help="the checkout whose service is measured")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a service setting for every served row, e.g. workers=1 (= MNIST_SERVE_WORKERS=1); repeatable",
+    )
     args = parser.parse_args(argv)
+    settings = dict(setting.split("=", 1) for setting in args.setting)
     if not shutil.which("wrk"):
         print("wrk is not installed (make bench installs it from Debian where it can)", file=sys.stderr)
         return 2
@@ -318,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         extra["naive_peak_rss_mb"] = server.peak_rss_mb()
 
-    with mnist_serve(args.model_dir, args.server_cwd) as server:
+    with mnist_serve(args.model_dir, args.server_cwd, **settings) as server:
         extra["ready_s"] = server.ready_s
         b = rounds(lambda: batch_endpoint(server, batch, len(x_u8), d), 1)
         c1 = rounds(lambda: wrk(server, "/v1/predict", single, 1, d), n)
@@ -336,8 +360,9 @@ def main(argv: list[str] | None = None) -> int:
                 Row("gRPC ModelInfer, 64 streams", g64.rps, g64.p50_ms, g64.p99_ms, "b256_2t", _cpu(g64)),
             ]
         extra["peak_rss_mb"] = server.peak_rss_mb()
+        extra["pss_mb"] = server.pss_mb()
 
-    with mnist_serve(args.model_dir, args.server_cwd, access_log="true") as server:
+    with mnist_serve(args.model_dir, args.server_cwd, **{**settings, "access_log": "true"}) as server:
         logged = rounds(lambda: wrk(server, "/v1/predict", single, 64, d), n)
         rows.append(
             Row("/v1/predict, concurrency 64, request log on", logged.rps, logged.p50_ms, logged.p99_ms, "b256_2t")
@@ -351,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
             Row("int8 in-process ORT, batch 1 (1 thread)", q1["batch1"], 1e3 / q1["batch1"], baseline="int8_b1"),
             Row("int8 in-process ORT, batch 256 (2 threads)", q2["batch256"], baseline="int8_b256"),
         ]
-        with mnist_serve(args.model_dir, args.server_cwd, model_name=int8) as server:
+        with mnist_serve(args.model_dir, args.server_cwd, **{**settings, "model_name": int8}) as server:
             b = rounds(lambda: batch_endpoint(server, batch, len(x_u8), d), 1)
             c1 = rounds(lambda: wrk(server, "/v1/predict", single, 1, d), n)
             c64 = rounds(lambda: wrk(server, "/v1/predict", single, 64, d), n)
@@ -436,7 +461,8 @@ def report(rows: list[Row], limit: dict[str, float], extra: dict[str, object], a
     per_process = ", ".join(f"{v:.0f}" for v in rss.values())
     print(
         f"- start to ready: {extra['ready_s']:.2f} s; peak RSS per server process (supervisor first): "
-        f"{per_process} MB, {sum(rss.values()):.0f} MB in all"
+        f"{per_process} MB; memory of the whole server after the load (sum of PSS, shared pages counted once): "
+        f"{extra['pss_mb']:.0f} MB"
     )
     print(
         f"- CPU at 64 clients: the load generator used {served64.extra['client_cores']:.2f} cores, the server's "

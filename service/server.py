@@ -22,8 +22,13 @@ that no client can hold memory, file descriptors or a worker's attention for fre
 supervisor: it binds the port once, starts the workers (each a full service: models, batchers, event loop),
 forwards SIGHUP to all of them (each reloads its models in place) and SIGTERM/SIGINT (each drains, then exits),
 restarts a worker that dies, and keeps the metrics of all of them in one directory so that /metrics in any worker
-answers for the whole server (prometheus-client's multiprocess mode). The supervisor imports neither FastAPI nor
-onnxruntime: the workers start in parallel.
+answers for the whole server (prometheus-client's multiprocess mode).
+
+The supervisor imports the app's modules once (:data:`PRELOAD`: FastAPI, numpy, onnxruntime...) and forks the
+workers from itself, so a worker starts with them already loaded and only builds its app and loads its models:
+ready in about half the time of workers that import everything again, and the imported pages stay shared. The
+supervisor creates no onnxruntime session, gRPC server or thread pool of its own, which is what makes forking it
+safe; the workers create theirs after the fork.
 """
 
 from __future__ import annotations
@@ -31,9 +36,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
-import functools
 import glob
+import importlib
 import logging
+import multiprocessing
 import os
 import resource
 import shutil
@@ -44,7 +50,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from multiprocessing.context import SpawnProcess
+from multiprocessing.context import ForkProcess
 from socket import socket
 from types import FrameType
 from typing import Any, cast
@@ -68,6 +74,11 @@ STARTUP_FAILURE = 3
 MAX_RESTARTS, RESTART_WINDOW_S = 5, 60.0
 #: prctl(2) option: the signal a process gets when its parent dies.
 PR_SET_PDEATHSIG = 1
+#: What the supervisor imports before it forks the workers (after setting up prometheus-client's multiprocess mode,
+#: which prometheus-client reads when it is imported).
+PRELOAD = ("service.main",)
+#: Signals a worker takes only once its own handlers are in place (blocked from before the fork until then).
+WORKER_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
 
 
 @dataclass(frozen=True)
@@ -400,10 +411,16 @@ def _serve(config: Config, sockets: list[socket] | None = None) -> None:
     """Run one server (in this process, or in a worker the supervisor started) until it is told to stop."""
     _exit_zero_on_stop_signals()
     signal.signal(signal.SIGHUP, _hup_before_the_app)  # SIGHUP's default action would end the process
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # blocked by the supervisor until now (see there)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)  # blocked by the supervisor until now (see there)
     if sockets is not None:
         _stop_with_the_supervisor()
     _Server(config).run(sockets=sockets)
+
+
+def _worker(config: Config, sock: socket) -> None:
+    """A worker's life, in the process forked from the supervisor (multiprocessing turns a SystemExit, such as
+    uvicorn's STARTUP_FAILURE, into the exit status)."""
+    _serve(config, [sock])
 
 
 def _stop_with_the_supervisor() -> None:
@@ -428,21 +445,20 @@ class Supervisor:
         self.config = config
         self.workers = workers
         self.drain_s = drain_s
-        self.processes: list[SpawnProcess] = []
+        self.processes: list[ForkProcess] = []
         self.stopping = False
         self.reload_requested = False
 
-    def _start_worker(self, sock: socket) -> SpawnProcess:
-        from uvicorn._subprocess import get_subprocess
-
-        process = get_subprocess(self.config, functools.partial(_serve, self.config), [sock])
-        # The worker starts with SIGHUP blocked (a blocked signal stays blocked across exec, a handler does not), so
-        # a reload asked for while it imports waits for _serve's handler instead of ending it.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    def _start_worker(self, sock: socket) -> ForkProcess:
+        process = multiprocessing.get_context("fork").Process(target=_worker, args=(self.config, sock))
+        # The worker starts with SIGHUP, SIGTERM and SIGINT blocked until _serve has its own handlers in place: a
+        # reload or a stop asked for meanwhile waits for them, instead of reaching the supervisor's handlers (which
+        # the fork copied) or SIGHUP's default action (which would end it).
+        signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
         try:
             process.start()
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
         return process
 
     def _on_stop(self, signum: int, _frame: FrameType | None) -> None:
@@ -461,6 +477,8 @@ class Supervisor:
         signal.signal(signal.SIGHUP, self._on_hup)
         log.info("supervisor %d: starting %d workers on %s:%d", os.getpid(), self.workers, *sock.getsockname()[:2])
         try:
+            for module in PRELOAD:
+                importlib.import_module(module)
             self.processes = [self._start_worker(sock) for _ in range(self.workers)]
             restarts: list[float] = []
             failed = False

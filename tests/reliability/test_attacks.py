@@ -326,7 +326,8 @@ def test_a_flood_of_large_batches_cannot_make_a_single_digit_wait(server: LiveSe
 
     with watching(server, "flood of 60 x 1024-image requests") as watch:
         statuses, singles = asyncio.run(flood())
-    assert set(statuses) <= {200, 503} and 200 in statuses and 503 in statuses, statuses
+    # 408: a flood body that could not be sent within the test's 2-s body deadline (the client shares the cores).
+    assert set(statuses) <= {200, 408, 503} and 200 in statuses and 503 in statuses, statuses
     for status, seconds in singles:
         assert (status == 200 and seconds < 1.5) or (status == 503 and seconds < 0.5), singles
     assert watch.rss_peak_mb <= RSS_MAX_MB, f"peak RSS {watch.rss_peak_mb:.0f} MB"

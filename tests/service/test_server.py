@@ -158,6 +158,30 @@ def test_workers_do_not_outlive_a_killed_supervisor(live_server: StartServer) ->
         httpx.get(f"{server.url}/healthz", timeout=2)
 
 
+def _smaps(pid: int) -> dict[str, int]:
+    """The process's memory totals from /proc/<pid>/smaps_rollup, in kB."""
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        return {line.split(":")[0]: int(line.split()[1]) for line in rollup if line.rstrip().endswith("kB")}
+
+
+def test_workers_start_from_the_supervisors_imports_and_share_them(live_server: StartServer) -> None:
+    """The workers are forked from a supervisor that imported the app once: the pages of those imports (FastAPI,
+    numpy, onnxruntime...) are shared, not one private copy per worker."""
+    server = live_server(env={"MNIST_SERVE_WORKERS": "2"})
+    workers = [int(p) for p in os.popen(f"pgrep -P {server.process.pid}").read().split()]
+    assert len(workers) == 2
+    if "Pss_Anon" not in _smaps(workers[0]):
+        pytest.skip("this kernel's smaps_rollup has no Pss_Anon")
+    for pid in workers:
+        memory = _smaps(pid)
+        shared_anonymous = 2 * (memory["Anonymous"] - memory["Pss_Anon"])  # shared with one other process, or more
+        assert shared_anonymous >= 20_000, f"worker {pid} shares only {shared_anonymous} kB of its heap: {memory}"
+    with open(f"/proc/{server.process.pid}/maps") as maps:
+        assert "onnxruntime" in maps.read()  # imported by the supervisor, before the fork
+    assert _ready_in(server, 5)
+    assert server.stop() == 0
+
+
 def _state(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/stat") as stat:
