@@ -120,10 +120,9 @@ class Answer:
 def judge(rows: FloatArray, rule: VerdictRule) -> tuple[IntArray, FloatArray, list[str]]:
     """Digits, their confidence and the verdicts for model rows (ten probabilities, then the OOD score if any)."""
     probs = rows[:, :NUM_CLASSES]
-    digits = np.argmax(probs, axis=1)
-    confidence = probs[np.arange(len(probs)), digits]
-    codes = np.zeros(len(probs), dtype=np.int8)
-    codes[confidence < rule.unsure_below_confidence] = 1
+    digits = probs.argmax(axis=1)  # the array methods: numpy's module functions add a wrapper per call
+    confidence = probs.max(axis=1)
+    codes = (confidence < rule.unsure_below_confidence).astype(np.int8)
     if rule.not_a_digit_at_or_above is not None and rows.shape[1] > NUM_CLASSES:
         codes[rows[:, NUM_CLASSES] >= rule.not_a_digit_at_or_above] = 2
     return digits.astype(np.int64), confidence, [VERDICTS[c] for c in codes.tolist()]
