@@ -56,7 +56,7 @@ from service.model import (
 from service.repository import ModelLoader, ModelRepository
 from service.routes import admin, health, predict, v2
 from service.schemas import BatchRequest, InferRequest, PredictRequest
-from service.server import EARLY_RELOAD, SHUTDOWN_STARTED
+from service.server import CLOSE_REASONS, CONNECTION_CLOSED, EARLY_RELOAD, SHUTDOWN_STARTED
 from service.settings import SUPERVISOR_ENV, Settings
 from service.tracing import NO_TRACING, Tracing
 from service.tracing import from_settings as tracing_from_settings
@@ -217,11 +217,14 @@ def _lifespan(classifier: OnnxClassifier | None) -> Callable[[FastAPI], contextl
             asyncio.get_running_loop().call_later(timeout, _out_of_time, state)
 
         SHUTDOWN_STARTED.append(shutdown_started)
+        connection_closed = state.metrics.observe_connection_closed
+        CONNECTION_CLOSED.append(connection_closed)
         try:
             with _reload_on_sighup(state.repository):
                 yield
         finally:
             SHUTDOWN_STARTED.remove(shutdown_started)
+            CONNECTION_CLOSED.remove(connection_closed)
             if grpc_server is not None:  # refuse new RPCs; those running finish while the batchers still run
                 await grpc_server.stop(state.settings.shutdown_timeout_s)
             state.stopping = True
@@ -311,6 +314,8 @@ def create_app(
     """
     settings = settings if settings is not None else Settings()
     metrics = metrics if metrics is not None else ServiceMetrics()
+    for reason in CLOSE_REASONS:  # every reason's series exists from the start, at 0
+        metrics.connections_closed.labels(reason=reason)
     tracing = tracing if tracing is not None else tracing_from_settings(settings)
     app = FastAPI(
         title="mnist-serve",

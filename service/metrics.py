@@ -246,6 +246,16 @@ class ServiceMetrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.connections_closed = Counter(
+            f"{PREFIX}_connections_closed_total",
+            "Connections the server closed to hold a limit, before (or instead of) a request reaching the app, by "
+            "reason: header_timeout (408, the request line and headers took too long), idle_timeout (silent past the "
+            "header time: a new connection that sent nothing, or a kept-alive one), headers_too_large (431), "
+            "body_timeout (408), evicted (an idle connection closed for a newcomer past the connection cap), "
+            "over_capacity (the newcomer closed: every other connection was running a request).",
+            ("reason",),
+            registry=r,
+        )
         self._request_children: dict[tuple[str, str, int | str], tuple[Counter, Histogram]] = {}
 
     def for_model(self, name: str, version: str) -> ModelMetrics:
@@ -274,6 +284,9 @@ class ServiceMetrics:
             )
         children[0].inc()
         children[1].observe(seconds)
+
+    def observe_connection_closed(self, reason: str) -> None:
+        self.connections_closed.labels(reason=reason).inc()
 
     def render(self) -> bytes:
         directory = multiprocess_dir()

@@ -180,12 +180,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if victim is not None:
             self.idle.pop(victim)
             victim.transport.close()
+            _closed("evicted")
             return
         stalled = next(iter(self.receiving), None)
         if stalled is not None:  # nobody idle: the body that has made no progress for longest goes, with a 408
             stalled._body_timeout()
             return
         self.transport.close()  # every other connection is running a request the service has read: the newcomer goes
+        _closed("over_capacity")
 
     warned = False
 
@@ -207,6 +209,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self.header_bytes:  # a request was started and never finished its headers
             self.transport.write(_response(408, "request_timeout", "the request headers took too long"))
         self.transport.close()
+        _closed("header_timeout" if self.header_bytes else "idle_timeout")
 
     def _body_timeout(self) -> None:
         self.deadline = None
@@ -216,6 +219,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return
         if cycle.response_complete:  # answered early (401, 413, 503…), and still sending a body nobody reads
             self.transport.close()
+            _closed("body_timeout")
             return
         self.logger.info("a request body did not arrive within %.0f s: 408", self.limits.body_timeout_s)
         started = cycle.response_started
@@ -226,6 +230,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if not started:
             self.transport.write(_response(408, "request_timeout", "the request body took too long"))
         self.transport.close()
+        _closed("body_timeout")
 
     # --- parsing -----------------------------------------------------------------------------------------------
 
@@ -237,6 +242,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             message = f"the request line and headers are larger than {self.limits.max_header_bytes} bytes"
             self.transport.write(_response(431, "request_header_fields_too_large", message))
             self.transport.close()
+            _closed("headers_too_large")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -250,6 +256,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._disarm()
         size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
         if size > self.limits.max_header_bytes:  # it all came in one read: answer 431 instead of the app
+            _closed("headers_too_large")
             app, self.app = self.app, _headers_too_large(self.limits.max_header_bytes)
             try:
                 super().on_headers_complete()
@@ -397,6 +404,20 @@ class _Server(uvicorn.Server):
             except Exception:
                 log.exception("a shutdown hook failed")
         await super().shutdown(sockets)
+
+
+#: Called with a reason each time the server closes a connection to hold a limit, before (or instead of) the app
+#: seeing a request — :data:`CLOSE_REASONS` — so that the app can count them (these never reach its middleware).
+CONNECTION_CLOSED: list[Callable[[str], None]] = []
+CLOSE_REASONS = ("header_timeout", "idle_timeout", "headers_too_large", "body_timeout", "evicted", "over_capacity")
+
+
+def _closed(reason: str) -> None:
+    for hook in CONNECTION_CLOSED:
+        try:
+            hook(reason)
+        except Exception:
+            log.exception("a connection hook failed")
 
 
 #: SIGHUP arrived before the app could take it (while it imports and loads): it reloads once it serves.

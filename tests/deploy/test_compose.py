@@ -237,6 +237,7 @@ def exported_series() -> dict[str, set[str]]:
     metrics.set_models([("mnist-cnn", "1.0.0", "0" * 64, True)], problems=0)
     metrics.observe_request("/v1/predict", "POST", 200, 0.001)
     metrics.reloads.labels(result="ok").inc()
+    metrics.observe_connection_closed("body_timeout")
     series: dict[str, set[str]] = {}
     for family in metrics.registry.collect():
         for sample in family.samples:

@@ -50,6 +50,11 @@ def test_oversized_headers_are_431_and_never_buffered(live_server: StartServer) 
         assert b"request_header_fields_too_large" in answer
     # Ordinary headers still pass.
     assert httpx.get(f"{server.url}/healthz", headers={"X-Fine": "a" * 2000}).status_code == 200
+    assert _closed(server, "headers_too_large") == 2  # counted, though no request reached the app
+
+
+def _closed(server: LiveServer, reason: str) -> float:
+    return metric(httpx.get(f"{server.url}/metrics").text, "mnist_serve_connections_closed_total", reason=reason)
 
 
 def test_silent_and_slow_header_connections_are_closed(live_server: StartServer) -> None:
@@ -62,6 +67,7 @@ def test_silent_and_slow_header_connections_are_closed(live_server: StartServer)
         answer = read_all(slow, 5)
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert httpx.get(f"{server.url}/healthz").status_code == 200
+    assert _closed(server, "header_timeout") == 1 and _closed(server, "idle_timeout") >= 1
 
 
 def test_a_body_trickling_in_is_timed_out_with_408(live_server: StartServer, mnist_test: tuple) -> None:
@@ -86,6 +92,7 @@ def test_a_body_trickling_in_is_timed_out_with_408(live_server: StartServer, mni
     assert 0.8 < took < 3
     body = pixels_payload(mnist_test[0][0])
     assert httpx.post(f"{server.url}/v1/predict", json=body).json()["digit"] == mnist_test[1][0]
+    assert _closed(server, "body_timeout") == 1
 
 
 def test_the_connection_cap_closes_idle_ones_and_probes_still_answer(live_server: StartServer) -> None:
@@ -103,6 +110,7 @@ def test_the_connection_cap_closes_idle_ones_and_probes_still_answer(live_server
             except BlockingIOError:
                 pass
         assert closed >= 60 - 16, f"only {closed} of 60 idle connections were closed"
+        assert _closed(server, "evicted") >= closed
     finally:
         for sock in idle:
             sock.close()
