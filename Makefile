@@ -67,27 +67,31 @@ test-slow: $(VENV)/.dev
 test-containers: $(VENV)/.dev
 	$(BIN)/python -m pytest tests/deploy -m containers
 
-## train: train the shipped CNN (full schedule), evaluate it, export models/mnist-cnn.onnx + card
+## train: train the shipped CNN (full schedule), evaluate, export the calibrated models/mnist-cnn.onnx + card, quantize, fit the verdict and write docs/trust.md
 train: $(VENV)/.dev
 	$(BIN)/mnist-train --model cnn
 	$(BIN)/mnist-evaluate --run runs/cnn --docs docs
 	$(BIN)/mnist-export --run runs/cnn --out models
 	$(BIN)/mnist-quantize || echo "no int8 model written: it must keep the accuracy and be faster (a stale models/mnist-cnn-int8.* fails the tests)"
+	$(BIN)/python -m training.trust --models models --docs docs
 
-## quantize: models/mnist-cnn-int8.onnx + card (static int8), written only if as accurate and faster
+## quantize: models/mnist-cnn-int8.onnx + card (static int8), written only if as accurate and faster; then both cards' trust figures
 quantize: $(VENV)/.dev
 	$(BIN)/mnist-quantize
+	$(BIN)/python -m training.trust --models models --docs docs
 
 ## train-seed: the published baseline, for comparison
 train-seed: $(VENV)/.dev
 	$(BIN)/mnist-train --model seed
 	$(BIN)/mnist-evaluate --run runs/seed --docs docs
 
-## smoke: train + evaluate + export a tiny model in under a minute (into runs/, not models/)
+## smoke: the whole pipeline on a tiny model (train, evaluate, export, quantize, trust) into runs/cnn-smoke, not models/
 smoke: $(VENV)/.dev
 	$(BIN)/mnist-train --model cnn --smoke
 	$(BIN)/mnist-evaluate --run runs/cnn-smoke
 	$(BIN)/mnist-export --run runs/cnn-smoke --out runs/cnn-smoke/export
+	$(BIN)/mnist-quantize --models runs/cnn-smoke/export --force
+	$(BIN)/python -m training.trust --models runs/cnn-smoke/export --docs runs/cnn-smoke/docs --cost-rounds 1
 
 ## lint: the CI gate: ruff format --check, ruff check and mypy (strict on service/)
 lint: $(VENV)/.dev

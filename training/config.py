@@ -38,11 +38,23 @@ class TrainConfig:
     """Stop when validation loss has not improved for this many epochs; 0 runs the full schedule."""
     reduce_lr_patience: int = 0
     """Halve the learning rate when validation loss stalls this many epochs; 0 keeps the schedule as is."""
+    reject_class: bool = False
+    """An 11th output, "not a digit", trained on generated negatives (training/ood.py, ``train`` split)."""
+    negatives: int = 0
+    """Training negatives drawn from the OOD suite's ``train`` split, shared among its families by
+    ``training.ood.TRAIN_SHARES`` (needs ``reject_class``)."""
+    drawn_digits: int = 0
+    """Training digits also given as people draw them (photo path, ``service.preprocess.to_mnist``), as positives."""
+    extras_per_epoch: int = 0
+    """Drawn digits and negatives sampled into each epoch next to all the MNIST digits (0: all of them, every
+    epoch). Each epoch still sees every MNIST training digit once; the extras come round every few epochs."""
     seed: int = 42
     smoke: bool = False
     """Train on a small subset (CI and quick checks), not the full data."""
     smoke_train_images: int = 2048
     smoke_test_images: int = 1024
+    smoke_negatives: int = 450
+    smoke_drawn_digits: int = 256
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -65,7 +77,7 @@ class TrainConfig:
                 reduce_lr_patience=2,
             )
         else:
-            base = dict(model="cnn")
+            base = dict(model="cnn", reject_class=True, negatives=20_000, drawn_digits=8_000, extras_per_epoch=12_000)
         base.update(overrides)
         return cls(**base)
 

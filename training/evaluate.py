@@ -159,10 +159,14 @@ def plot_all(
 
 
 def predict_run(run_dir: Path, x: np.ndarray) -> np.ndarray:
+    """The run's digit probabilities (for a reject-class model: softmax over the ten digit logits, T = 1)."""
     import keras
 
+    from training.model import digit_probabilities, emits_logits
+
     model = keras.models.load_model(run_dir / "model.keras")
-    return np.asarray(model.predict(x[..., None], batch_size=1000, verbose=0))
+    raw = np.asarray(model.predict(x[..., None], batch_size=1000, verbose=0))
+    return digit_probabilities(raw, emits_logits(model))
 
 
 def evaluate(

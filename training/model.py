@@ -5,19 +5,23 @@
     462858
 
 ``seed`` reproduces the published notebook (Conv/MaxPool stack, L2-regularized dense layers, softmax).
-``cnn`` is the model we ship: BatchNorm conv blocks, dropout, global pooling. Augmentation is not part of
-either graph: :func:`augmenter` is applied in the input pipeline, so the exported model is inference-only.
+``cnn`` is the model we ship: BatchNorm conv blocks, dropout, global pooling. With ``reject_class`` its head
+is 11 logits: the ten digits and "not a digit" (trained on generated negatives); the export turns them into
+calibrated digit probabilities and an ``ood_score``. Augmentation is not part of either graph: :func:`augmenter`
+is applied in the input pipeline, so the exported model is inference-only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import keras
+import numpy as np
 from keras import layers, regularizers
 
 INPUT_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
+#: Index of the "not a digit" logit in a reject-class head.
+REJECT = NUM_CLASSES
+LOGITS_LAYER = "logits"
 
 
 def build_seed_cnn(l2: float = 1e-4) -> keras.Model:
@@ -42,8 +46,9 @@ def _conv_bn(x: keras.KerasTensor, filters: int, name: str) -> keras.KerasTensor
     return layers.ReLU(name=f"{name}_relu")(x)
 
 
-def build_cnn(width: int = 32, dropout: float = 0.25) -> keras.Model:
-    """The shipped model: 3 BatchNorm conv stages (28→14→7), global average pooling, dropout, softmax-10."""
+def build_cnn(width: int = 32, dropout: float = 0.25, reject_class: bool = False) -> keras.Model:
+    """The shipped model: 3 BatchNorm conv stages (28→14→7), global average pooling, dropout, then softmax-10,
+    or (``reject_class``) 11 logits: ten digits and "not a digit"."""
     inputs = keras.Input(INPUT_SHAPE, name="input")
     x = _conv_bn(inputs, width, "b1a")
     x = _conv_bn(x, width, "b1b")
@@ -55,16 +60,49 @@ def build_cnn(width: int = 32, dropout: float = 0.25) -> keras.Model:
     x = _conv_bn(x, 4 * width, "b3b")
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     x = layers.Dropout(dropout, name="dropout")(x)
-    outputs = layers.Dense(NUM_CLASSES, activation="softmax", name="probabilities")(x)
+    if reject_class:
+        outputs = layers.Dense(NUM_CLASSES + 1, name=LOGITS_LAYER)(x)
+    else:
+        outputs = layers.Dense(NUM_CLASSES, activation="softmax", name="probabilities")(x)
     return keras.Model(inputs, outputs, name="cnn")
 
 
-def build(name: str) -> keras.Model:
-    """Build an architecture by its name (``seed`` or ``cnn``)."""
-    builders: dict[str, Callable[[], keras.Model]] = {"seed": build_seed_cnn, "cnn": build_cnn}
-    if name not in builders:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(builders)}")
-    return builders[name]()
+def build(name: str, reject_class: bool = False) -> keras.Model:
+    """Build an architecture by its name (``seed`` or ``cnn``); only ``cnn`` has a reject-class head."""
+    if name == "seed":
+        if reject_class:
+            raise ValueError("the seed model has no reject-class head")
+        return build_seed_cnn()
+    if name == "cnn":
+        return build_cnn(reject_class=reject_class)
+    raise ValueError(f"unknown model {name!r}; choose one of ['cnn', 'seed']")
+
+
+def emits_logits(model: keras.Model) -> bool:
+    """Whether the model ends in the reject-class logits (else in softmax digit probabilities)."""
+    return bool(model.layers[-1].name == LOGITS_LAYER)
+
+
+def softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
+    z = z - z.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    return np.asarray(e / e.sum(axis=axis, keepdims=True))
+
+
+def digit_probabilities(outputs: np.ndarray, logits: bool, temperature: float = 1.0) -> np.ndarray:
+    """The ten digit probabilities from a model's raw outputs (softmax over the digit logits, at ``temperature``)."""
+    if not logits:
+        return outputs
+    return softmax(outputs[:, :NUM_CLASSES].astype(np.float64) / temperature).astype(np.float32)
+
+
+def ood_score(outputs: np.ndarray) -> np.ndarray:
+    """Log-odds of "not a digit" against all ten digits: reject logit − logsumexp(digit logits)."""
+    z = outputs.astype(np.float64)
+    digits = z[:, :NUM_CLASSES]
+    top = digits.max(axis=1)
+    lse = top + np.log(np.exp(digits - top[:, None]).sum(axis=1))
+    return np.asarray(z[:, REJECT] - lse, dtype=np.float32)
 
 
 def augmenter(rotation_degrees: float, shift: float, zoom: float, seed: int) -> keras.Sequential:

@@ -13,16 +13,18 @@ Families (each must be answered something other than ``digit``):
 
 - ``letters``: letters, short words and symbols in several fonts (glyphs that look like a digit are excluded);
 - ``scribbles``: random pen strokes, zigzags, loops and cross-hatching;
-- ``shapes``: polygons, stars, crosses, arrows, hearts, filled discs, crescents;
+- ``shapes``: rectangles, triangles, pentagons, hexagons, stars, crosses, arrows, hearts, filled discs, crescents;
 - ``noise``: uniform, Gaussian, salt-and-pepper and speckle noise;
 - ``near_blank``: blank or nearly blank 28×28 pixel arrays, and sheets with a few specks or a faint smudge;
 - ``several_digits``: two to four MNIST digits in one image;
-- ``cut_off_digits``: an MNIST digit of which 40 to 60 % lies outside the image (never a ``1``, which stays a ``1``);
+- ``cut_off_digits``: an MNIST digit of which 35 to 60 % of the ink lies outside the image (never a ``1``, which
+  stays a ``1``);
 - ``textures``: stripes, checkerboards, grids, dot lattices, rings, waves, hatching, bricks;
 - ``photo_crops``: synthetic photo-like crops: gradients, blobs, blurred noise, shaded objects, vignettes.
 
 ``digit_like`` (reported apart, no target, never trained on): glyphs that look like digits in many hands
-(O, o, D, Q, I, l, i, J, T, Z, S, s, b, G, B, q, g, A, y, /, |, ...) and outlined circles, ellipses and lines.
+(O, o, D, Q, I, l, i, J, T, Z, S, s, b, G, B, q, g, A, y, /, |, ...) and outlined circles, ellipses, many-sided
+polygons and lines.
 
 Splits: ``train`` (negatives the model is trained on), ``fit`` (threshold fitting; same generators and fonts as
 ``train``, other seeds) and ``held_out`` (the report only: other seeds, other fonts, MNIST *test* digits).
@@ -69,6 +71,27 @@ FAMILIES: tuple[str, ...] = (
 DIGIT_LIKE = "digit_like"
 ALL_FAMILIES: tuple[str, ...] = (*FAMILIES, DIGIT_LIKE)
 
+#: How training negatives are shared among the families: more of those nearest to a digit.
+TRAIN_SHARES: dict[str, float] = {
+    "letters": 0.17,
+    "scribbles": 0.11,
+    "shapes": 0.13,
+    "noise": 0.05,
+    "near_blank": 0.06,
+    "several_digits": 0.14,
+    "cut_off_digits": 0.18,
+    "textures": 0.08,
+    "photo_crops": 0.08,
+}
+
+
+def train_counts(total: int) -> dict[str, int]:
+    """``total`` training negatives shared among the families by :data:`TRAIN_SHARES`."""
+    counts = {name: int(total * share) for name, share in TRAIN_SHARES.items()}
+    counts["letters"] += total - sum(counts.values())
+    return counts
+
+
 #: Fixed seeds (not Python's salted hash): a split's images never change between runs or machines.
 SPLIT_SEEDS: dict[str, int] = {"train": 20_251_101, "fit": 20_251_102, "held_out": 20_251_103}
 FAMILY_SEEDS: dict[str, int] = {name: zlib.crc32(name.encode()) for name in ALL_FAMILIES}
@@ -79,11 +102,17 @@ FONTS: dict[str, tuple[str, ...]] = {
         "DejaVuSans.ttf",
         "DejaVuSans-Bold.ttf",
         "DejaVuSans-Oblique.ttf",
+        "DejaVuSans-BoldOblique.ttf",
+        "DejaVuSansDisplay.ttf",
         "DejaVuSerif.ttf",
         "DejaVuSerif-Bold.ttf",
         "DejaVuSerif-Italic.ttf",
+        "DejaVuSerif-BoldItalic.ttf",
+        "DejaVuSerifDisplay.ttf",
         "DejaVuSansMono.ttf",
         "DejaVuSansMono-Bold.ttf",
+        "DejaVuSansMono-Oblique.ttf",
+        "DejaVuSansMono-BoldOblique.ttf",
     ),
     "held_out": (
         "STIXGeneral.ttf",
@@ -102,7 +131,10 @@ FONTS["fit"] = FONTS["train"]
 DIGIT_LIKE_GLYPHS = "OoDQUuIlijJTtZzSsbGBqgAyY/|\\()[]!?$&§"
 LETTERS = "".join(c for c in "ABCEFHKLMNPRVWXacdefhkmnprvwx" if c not in DIGIT_LIKE_GLYPHS)
 SYMBOLS = "+×÷=%#@*<>~^{}€£¶∞ΣΩπ√∫≈≠±→←↑♥★☺"
+TEX_SYMBOLS = "+=%#@*"
 
+#: Share of a cut-off digit's ink that lies beyond the edge of the image.
+CUT_INK = (0.35, 0.6)
 #: How people send images: canvas sides in pixels, paper and ink tones, how many are JPEG.
 CANVAS = (48, 360)
 PAPER = (0.85, 1.0)
@@ -260,10 +292,23 @@ def _text_ink(ctx: Context, rng: np.random.Generator, text: str, font: str) -> n
     w, h = max(1, round(right - left)), max(1, round(bottom - top))
     img = Image.new("L", (w + 4, h + 4), 0)
     ImageDraw.Draw(img).text((2 - left, 2 - top), text, font=f, fill=255)
+    if rng.random() < 0.5:  # a hand is rarely a font: shear and squash a little
+        img = _affine(img, rng)
     ink = _ink(img)
     if rng.random() < 0.6:
         ink = _rotate(ink, float(rng.uniform(-15, 15)))
     return _pad(_thicken(ink, rng), rng)
+
+
+def _affine(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A random shear and change of aspect ratio, on a canvas that keeps the whole glyph."""
+    shear, sx = float(rng.uniform(-0.35, 0.35)), float(np.exp(rng.uniform(-0.3, 0.3)))
+    w, h = img.size
+    # Forward: X = sx·x + shear·y + offset; PIL wants the inverse, output (X, Y) → input (a X + b Y + c, Y).
+    offset = -shear * h if shear < 0 else 0.0
+    out_w = round(w * sx + abs(shear) * h) + 2
+    coefficients = (1 / sx, -shear / sx, -offset / sx, 0.0, 1.0, 0.0)
+    return img.transform((out_w, h), Image.Transform.AFFINE, coefficients, Image.Resampling.BILINEAR)
 
 
 def _pick_text(rng: np.random.Generator, pool: str, font: str, word_p: float) -> str:
@@ -303,8 +348,8 @@ def _shape_polygon(kind: str, cx: float, cy: float, r: float, rng: np.random.Gen
         pts = [(cx - r, cy - r * a), (cx + r, cy - r * a), (cx + r, cy + r * a), (cx - r, cy + r * a)]
     elif kind == "triangle":
         pts = _polygon(cx, cy, r, 3, 0.0)
-    elif kind == "polygon":
-        pts = _polygon(cx, cy, r, int(rng.integers(5, 9)), 0.0)
+    elif kind == "polygon":  # outlines of 7 or more sides are circles by another name: those are digit_like
+        pts = _polygon(cx, cy, r, int(rng.integers(5, 7)), 0.0)
     elif kind == "star":
         pts = _star(cx, cy, r, int(rng.integers(4, 9)), 0.0, float(rng.uniform(0.35, 0.6)))
     elif kind == "cross":
@@ -340,9 +385,16 @@ def _shape_polygon(kind: str, cx: float, cy: float, r: float, rng: np.random.Gen
 Generated = np.ndarray | tuple[Literal["model_input"], np.ndarray]
 
 
+def symbols_for(font: str) -> str:
+    """The symbols a font draws as themselves. matplotlib's Computer Modern TTFs keep TeX's OT1 layout, where
+    ``<`` is ¡, ``>`` is ¿, ``{`` an en dash and so on: only a few symbols are what they say there."""
+    return TEX_SYMBOLS if font.startswith("cm") else SYMBOLS
+
+
 def letters(rng: np.random.Generator, ctx: Context) -> Generated:
     font = ctx.fonts[int(rng.integers(len(ctx.fonts)))]
-    pool = LETTERS + SYMBOLS if rng.random() < 0.75 else SYMBOLS
+    symbols = symbols_for(font)
+    pool = LETTERS + symbols if rng.random() < 0.75 else symbols
     text = _pick_text(rng, pool, font, word_p=0.3)
     return as_sent(_text_ink(ctx, rng, text, font), rng)
 
@@ -358,9 +410,13 @@ def digit_like(rng: np.random.Generator, ctx: Context) -> Generated:
     pen = _pen((w, h), rng)
     cx, cy = w / 2 + rng.uniform(-0.1, 0.1) * w, h / 2 + rng.uniform(-0.1, 0.1) * h
     r = min(w, h) * rng.uniform(0.2, 0.4)
-    if rng.random() < 0.6:
+    kind = rng.random()
+    if kind < 0.45:
         a = r * rng.uniform(0.6, 1.0)
         draw.ellipse([cx - a, cy - r, cx + a, cy + r], outline=255, width=pen)
+    elif kind < 0.65:
+        pts = _polygon(cx, cy, r, int(rng.integers(7, 11)), float(rng.uniform(0, 1)))
+        draw.line([*pts, pts[0], pts[1]], fill=255, width=pen, joint="curve")
     else:
         angle = rng.uniform(-0.5, 0.5)
         dx, dy = r * math.sin(angle), r * math.cos(angle)
@@ -551,18 +607,23 @@ def cut_off_digits(rng: np.random.Generator, ctx: Context) -> Generated:
     height = int(rng.integers(60, 240))
     ink = _thicken(_resize(ink, round(ink.shape[1] * height / ink.shape[0]), height), rng, 0.2)
     h, w = ink.shape
-    cut = float(rng.uniform(0.4, 0.6))
     side = rng.choice(["top", "bottom", "left", "right"], p=[0.35, 0.35, 0.15, 0.15])
     if side in ("left", "right") and w < 0.6 * h:
         side = rng.choice(["top", "bottom"])  # a narrow digit cut lengthwise stays a stroke
+    # Cut where the given share of the ink is gone (not of the extent: the left 40 % of a 3 holds little of it).
+    lost = float(rng.uniform(CUT_INK[0], CUT_INK[1]))
+    profile = ink.sum(axis=1 if side in ("top", "bottom") else 0)
+    if side in ("bottom", "right"):
+        profile = profile[::-1]
+    at = int(np.searchsorted(np.cumsum(profile) / max(float(profile.sum()), 1e-6), lost)) + 1
     if side == "top":
-        ink = ink[round(cut * h) :]
+        ink = ink[at:]
     elif side == "bottom":
-        ink = ink[: round((1 - cut) * h)]
+        ink = ink[: h - at]
     elif side == "left":
-        ink = ink[:, round(cut * w) :]
+        ink = ink[:, at:]
     else:
-        ink = ink[:, : round((1 - cut) * w)]
+        ink = ink[:, : w - at]
     # The sheet ends where the digit was cut: ink touches that edge, paper surrounds the rest.
     hh, ww = ink.shape
     m = [round(rng.uniform(0.1, 0.6) * max(h, w)) for _ in range(4)]

@@ -7,6 +7,11 @@
 
 A run directory (default ``runs/<model>``) receives ``config.json``, ``history.json``, ``model.keras``
 and ``run.json`` (wall time, hardware, library versions). ``mnist-evaluate`` and ``mnist-export`` read it.
+
+The ``cnn`` model learns an 11th class, "not a digit", from negatives the OOD suite's ``train`` split generates
+(training/ood.py; built from training digits, DejaVu fonts, its own seeds), and sees some of its training
+digits a second time as people draw them, through the service's normalisation, so that the photo path stays
+``digit``. Validation is on MNIST digits only.
 """
 
 from __future__ import annotations
@@ -48,6 +53,46 @@ def split_data(mnist: Mnist, config: TrainConfig) -> Split:
     return Split(mnist.x_train[train_idx], mnist.y_train[train_idx], mnist.x_train[val_idx], mnist.y_train[val_idx])
 
 
+@dataclass
+class TrainingSet:
+    """uint8 images N×28×28 with labels 0–9, or 10 for "not a digit": the MNIST digits, and the extras (drawn
+    digits and negatives) a reject-class model also learns from; counts of each kind for the run record."""
+
+    x: np.ndarray
+    y: np.ndarray
+    x_extra: np.ndarray
+    y_extra: np.ndarray
+    counts: dict[str, int]
+
+    def __len__(self) -> int:
+        return len(self.x) + len(self.x_extra)
+
+
+def training_set(split: Split, config: TrainConfig) -> TrainingSet:
+    """The MNIST training digits, plus (reject-class models) drawn digits and generated negatives."""
+    if not config.reject_class:
+        empty = np.zeros((0, 28, 28), np.uint8)
+        return TrainingSet(split.x_train, split.y_train, empty, empty[:, 0, 0], {"mnist_digits": len(split.x_train)})
+    from training.model import REJECT
+    from training.ood import FAMILIES, Digits, default_workers, draw_digits, generate, train_counts
+
+    n_drawn = config.smoke_drawn_digits if config.smoke else config.drawn_digits
+    n_neg = config.smoke_negatives if config.smoke else config.negatives
+    rng = np.random.default_rng(config.seed + 2)
+    pick = np.sort(rng.choice(len(split.x_train), size=min(n_drawn, len(split.x_train)), replace=False))
+    workers = default_workers()
+    drawn = draw_digits(split.x_train[pick], seed=config.seed + 3, workers=workers)
+    negatives = generate("train", train_counts(n_neg), Digits(split.x_train, split.y_train), FAMILIES, workers=workers)
+
+    def u8(images: np.ndarray) -> np.ndarray:
+        return np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)
+
+    x_extra = np.concatenate([u8(drawn), u8(negatives.images)])
+    y_extra = np.concatenate([split.y_train[pick], np.full(len(negatives.images), REJECT, np.uint8)])
+    counts = {"mnist_digits": len(split.x_train), "drawn_digits": len(drawn), "negatives": len(negatives.images)}
+    return TrainingSet(split.x_train, split.y_train, x_extra, y_extra.astype(np.uint8), counts)
+
+
 def hardware() -> dict[str, Any]:
     """What the run ran on, for the model card."""
     import tensorflow as tf
@@ -76,18 +121,51 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def make_dataset(x: np.ndarray, y: np.ndarray, config: TrainConfig, training: bool):  # type: ignore[no-untyped-def]
+def per_epoch(data: TrainingSet, config: TrainConfig) -> int:
+    """Images one epoch shows: every MNIST digit, and ``extras_per_epoch`` of the extras (all if 0)."""
+    extras = len(data.x_extra)
+    if config.extras_per_epoch and not config.smoke:
+        extras = min(extras, config.extras_per_epoch)
+    return len(data.x) + extras
+
+
+def make_training_dataset(data: TrainingSet, config: TrainConfig):  # type: ignore[no-untyped-def]
+    """Shuffled, augmented batches; with extras, an endless stream that mixes them in at their share of an epoch
+    (``fit`` is then given ``steps_per_epoch``)."""
     import tensorflow as tf
 
-    from training.model import NUM_CLASSES, augmenter
+    if len(data.x_extra) == 0 or per_epoch(data, config) == len(data):
+        x, y = np.concatenate([data.x, data.x_extra]), np.concatenate([data.y, data.y_extra])
+        return make_dataset(x, y, config, training=True)
+    digits = tf.data.Dataset.from_tensor_slices((data.x, data.y))
+    digits = digits.shuffle(len(data.x), seed=config.seed, reshuffle_each_iteration=True).repeat()
+    extras = tf.data.Dataset.from_tensor_slices((data.x_extra, data.y_extra))
+    extras = extras.shuffle(len(data.x_extra), seed=config.seed + 1, reshuffle_each_iteration=True).repeat()
+    share = (per_epoch(data, config) - len(data.x)) / per_epoch(data, config)
+    mixed = tf.data.Dataset.sample_from_datasets([digits, extras], weights=[1 - share, share], seed=config.seed)
+    return _batches(mixed, config, training=True)
 
-    def prepare(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        images = tf.cast(images, tf.float32)[..., None] / 255.0
-        return images, tf.one_hot(tf.cast(labels, tf.int32), NUM_CLASSES)
+
+def make_dataset(x: np.ndarray, y: np.ndarray, config: TrainConfig, training: bool):  # type: ignore[no-untyped-def]
+    import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensor_slices((x, y))
     if training:
         ds = ds.shuffle(len(x), seed=config.seed, reshuffle_each_iteration=True)
+    return _batches(ds, config, training)
+
+
+def _batches(ds, config: TrainConfig, training: bool):  # type: ignore[no-untyped-def]
+    import tensorflow as tf
+
+    from training.model import NUM_CLASSES, augmenter
+
+    depth = NUM_CLASSES + 1 if config.reject_class else NUM_CLASSES
+
+    def prepare(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        images = tf.cast(images, tf.float32)[..., None] / 255.0
+        return images, tf.one_hot(tf.cast(labels, tf.int32), depth)
+
     ds = ds.batch(config.batch_size).map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     if training and config.augment:
         aug = augmenter(config.rotation_degrees, config.shift_fraction, config.zoom_fraction, config.seed)
@@ -105,11 +183,16 @@ def train(config: TrainConfig, out_dir: Path, data_dir: Path | None = None, verb
     config.save(out_dir / "config.json")
     keras.utils.set_random_seed(config.seed)
     split = split_data(load_mnist(data_dir), config)
-    train_ds = make_dataset(split.x_train, split.y_train, config, training=True)
+    started = time.perf_counter()
+    data = training_set(split, config)
+    prepare_wall = time.perf_counter() - started
+    train_ds = make_training_dataset(data, config)
     val_ds = make_dataset(split.x_val, split.y_val, config, training=False)
+    epoch_images = per_epoch(data, config)
+    steps_per_epoch = int(np.ceil(epoch_images / config.batch_size))
 
-    model = build(config.model)
-    steps = int(np.ceil(len(split.x_train) / config.batch_size)) * config.epochs
+    model = build(config.model, reject_class=config.reject_class)
+    steps = steps_per_epoch * config.epochs
     if config.warmup_fraction > 0:
         warmup = int(steps * config.warmup_fraction)
         lr: Any = keras.optimizers.schedules.CosineDecay(
@@ -128,7 +211,9 @@ def train(config: TrainConfig, out_dir: Path, data_dir: Path | None = None, verb
     )
     model.compile(
         optimizer=optimizer,
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+        loss=keras.losses.CategoricalCrossentropy(
+            from_logits=config.reject_class, label_smoothing=config.label_smoothing
+        ),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
     )
     model_path = out_dir / "model.keras"
@@ -147,12 +232,21 @@ def train(config: TrainConfig, out_dir: Path, data_dir: Path | None = None, verb
             )
         )
     print(
-        f"training {config.model} ({model.count_params():,} parameters) on {len(split.x_train):,} images, "
-        f"validating on {len(split.x_val):,}, {config.epochs} epochs",
+        f"training {config.model} ({model.count_params():,} parameters) on {len(data):,} images "
+        f"({', '.join(f'{v:,} {k}' for k, v in data.counts.items())}; prepared in {prepare_wall:.0f} s), "
+        f"{epoch_images:,} per epoch, validating on {len(split.x_val):,}, {config.epochs} epochs",
         flush=True,
     )
     start = time.perf_counter()
-    history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks, verbose=verbose)
+    history = model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=config.epochs,
+        # A finite dataset (no extras, or all of them every epoch) ends each epoch itself.
+        steps_per_epoch=steps_per_epoch if epoch_images < len(data) else None,
+        callbacks=callbacks,
+        verbose=verbose,
+    )
     wall = time.perf_counter() - start
     model.save(model_path)
 
@@ -164,9 +258,12 @@ def train(config: TrainConfig, out_dir: Path, data_dir: Path | None = None, verb
         "epochs_run": len(hist.get("loss", [])),
         "train_images": len(split.x_train),
         "validation_images": len(split.x_val),
+        "training_set": data.counts,
         "best_val_accuracy": max(hist.get("val_accuracy", [0.0])),
+        "prepare_wall_seconds": round(prepare_wall, 1),
         "train_wall_seconds": round(wall, 1),
-        "images_per_second": round(len(split.x_train) * len(hist.get("loss", [])) / wall, 1),
+        "images_per_epoch": epoch_images,
+        "images_per_second": round(steps_per_epoch * config.batch_size * len(hist.get("loss", [])) / wall, 1),
         "hardware": hardware(),
         "libraries": library_versions(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

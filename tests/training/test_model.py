@@ -7,7 +7,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from training.model import augmenter, build  # noqa: E402
+from training.model import augmenter, build, digit_probabilities, emits_logits, ood_score  # noqa: E402
 
 
 @pytest.mark.parametrize(("name", "params"), [("seed", 462_858), ("cnn", 289_066)])
@@ -18,6 +18,21 @@ def test_builders_give_softmax_over_ten_digits(name: str, params: int) -> None:
     probs = np.asarray(model(np.random.default_rng(0).random((3, 28, 28, 1), dtype=np.float32), training=False))
     assert probs.shape == (3, 10)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_reject_class_head_gives_eleven_logits() -> None:
+    model = build("cnn", reject_class=True)
+    assert model.count_params() == 289_066 + 129 and emits_logits(model) and not emits_logits(build("cnn"))
+    raw = np.asarray(model(np.random.default_rng(0).random((3, 28, 28, 1), dtype=np.float32), training=False))
+    assert raw.shape == (3, 11)
+    probs = digit_probabilities(raw, logits=True, temperature=0.5)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    # ood_score is the log-odds of the reject class against all ten digits.
+    p11 = np.exp(raw - raw.max(1, keepdims=True))
+    p11 /= p11.sum(1, keepdims=True)
+    np.testing.assert_allclose(ood_score(raw), np.log(p11[:, 10] / p11[:, :10].sum(1)), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="no reject-class"):
+        build("seed", reject_class=True)
 
 
 def test_seed_model_is_the_published_shape() -> None:

@@ -42,21 +42,25 @@ def test_smoke_run_writes_config_history_and_checkpoint(smoke_run: Path) -> None
         "run.json",
     }
     config = TrainConfig.load(smoke_run / "config.json")
-    assert config.smoke and config.epochs == 3 and config.model == "cnn"
+    assert config.smoke and config.epochs == 3 and config.model == "cnn" and config.reject_class
     history = json.loads((smoke_run / "history.json").read_text())
     assert len(history["loss"]) == 3 and history["loss"][-1] < history["loss"][0]
     assert history["accuracy"][-1] > 0.5  # it learns, even on 2k images
     run = json.loads((smoke_run / "run.json").read_text())
     assert run["train_wall_seconds"] > 0 and run["hardware"]["cpu_count"] >= 1
+    counts = run["training_set"]
+    assert counts["negatives"] == config.smoke_negatives
+    assert counts["drawn_digits"] == config.smoke_drawn_digits
 
 
 def test_export_names_io_and_batch_dimension(exported: tuple[Path, dict[str, Any]]) -> None:
     out, _ = exported
     model = onnx.load(out / "smoke.onnx")
     assert [i.name for i in model.graph.input] == ["input"]
-    assert [o.name for o in model.graph.output] == ["probabilities"]
-    for value in (model.graph.input[0], model.graph.output[0]):
+    assert [o.name for o in model.graph.output] == ["probabilities", "ood_score"]
+    for value in (model.graph.input[0], *model.graph.output):
         assert value.type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert len(model.graph.output[1].type.tensor_type.shape.dim) == 1
     assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]] == [28, 28, 1]
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
     assert {p.key: p.value for p in model.metadata_props} == {"name": "smoke", "version": "0.0.1"}
@@ -118,3 +122,27 @@ def test_report_counts_confusions() -> None:
     assert rep["most_confused"][0] == {"true": 9, "predicted": 4, "count": 2}
     assert rep["per_class"]["9"]["recall"] == pytest.approx(1 / 3, abs=1e-6)
     assert rep["per_class"]["4"]["precision"] == 0.0
+
+
+def test_the_card_carries_the_calibration(exported: tuple[Path, dict[str, Any]]) -> None:
+    _, card = exported
+    cal = card["trust"]["calibration"]
+    assert cal["method"] == "temperature" and cal["temperature"] > 0
+    assert cal["test_after"]["nll"] <= cal["test_before"]["nll"] + 1e-6
+    assert cal["test_after"]["accuracy"] == cal["test_before"]["accuracy"]  # a temperature never changes the argmax
+    assert [o["name"] for o in card["onnx"]["outputs"]] == ["probabilities", "ood_score"]
+
+
+def test_trust_fits_a_verdict_the_service_accepts(exported: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    from service.model import load_files
+    from training.trust import process
+
+    out, _ = exported
+    assert process(out, "smoke", tmp_path / "docs", None, workers=1, cost_rounds=1) == 0
+    card = json.loads((out / "smoke.json").read_text())
+    verdict = card["trust"]["verdict"]
+    assert set(verdict) == {"ood_output", "not_a_digit_at_or_above", "unsure_below_confidence"}
+    assert set(card["trust"]) >= {"calibration", "ood", "selective", "cost", "drawn_digits"}
+    assert (tmp_path / "docs" / "trust.md").exists() and (tmp_path / "docs" / "trust-reliability.png").exists()
+    served = load_files(out / "smoke.onnx", out / "smoke.json")  # hash, tensors, warm-up; the verdict parses
+    assert served.name == "smoke"

@@ -68,6 +68,15 @@ def test_the_shipped_int8_model_keeps_its_promises(fp32_card: dict, mnist_test: 
     assert card["quantization"]["from"]["sha256"] == fp32_card["onnx"]["sha256"], "quantized from the shipped model"
     x, y = (mnist_test[0].astype(np.float32) / 255.0)[..., None], mnist_test[1]
     probs = quantize.predict(quantize._session(INT8), x)
-    assert int(np.sum(probs.argmax(1) != y)) == card["metrics"]["test_errors"]
+    reference = quantize.predict(quantize.reference_session(INT8), x)
+    # The integer kernels this CPU picks must compute what the QDQ graph says: onnxruntime's unoptimised run of
+    # the same graph (Q/DQ in float) is the CPU-independent yardstick. With full 8-bit weights, AVX2 without VNNI
+    # saturates 16-bit pair sums and 12 of 10,000 answers moved; the 7-bit weights leave no room for that.
+    assert int(np.sum(probs.argmax(1) != reference.argmax(1))) <= 1
+    # Requantisation rounds in float, and float rounding may differ between CPUs (FMA or not) by one step on a
+    # rare image: one error either way is honest; more means the model is not the one the card describes.
+    errors = int(np.sum(probs.argmax(1) != y))
+    assert abs(errors - card["metrics"]["test_errors"]) <= 1, (errors, card["metrics"]["test_errors"])
+    assert card["quantization"]["reference_agreement"]["argmax_agreement"] >= len(y) - 1
     drop_pp = (fp32_card["metrics"]["test_accuracy"] - card["metrics"]["test_accuracy"]) * 100
     assert drop_pp <= quantize.MAX_DROP_PP + 1e-9
