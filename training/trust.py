@@ -205,14 +205,25 @@ def fit_verdict(
             fit_rejected = fit_ood | (fit_conf < t_conf)
             per_family = np.array([fit_rejected[fit_family == f].mean() for f in families])
             within_budget = rejected.mean() <= max_rejected + 1e-12 and drawn_rejected <= max_drawn_rejected
-            feasible = within_budget and wrong <= max_wrong
-            # Feasible pairs first; among them the best worst family, then mean; then fewer digits rejected.
-            # When none is feasible, the rejection budgets hold and the fewest wrong answers win.
+            wrong_ok = wrong <= max_wrong
+            families_ok = float(per_family.min()) >= TARGET_FAMILY_REJECTED
+            feasible = within_budget and wrong_ok
+            # Within the rejection budgets: pairs that meet every limit first, with the best worst family, then
+            # mean. When the wrong-answer limit cannot be met (a model with more errors than the budget can hold
+            # back), pairs that still reject the target share of every fit family come first, and among them the
+            # fewest wrong answers win: the out-of-distribution threshold is never given up to spend its small
+            # share of the budget on confidence alone. Then fewer digits rejected.
+            if feasible:
+                rank: tuple[float, ...] = (float(per_family.min()), float(per_family.mean()))
+            elif families_ok:
+                rank = (-wrong, float(per_family.mean()))
+            else:
+                rank = (float(per_family.min()), -wrong)
             key = (
-                float(feasible),
                 float(within_budget),
-                float(per_family.min()) if feasible else -wrong,
-                float(per_family.mean()),
+                float(feasible),
+                float(families_ok),
+                *rank,
                 -float(rejected.mean()),
                 -drawn_rejected,
             )
