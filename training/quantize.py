@@ -44,6 +44,10 @@ from training.export import CARD_SCHEMA_VERSION, INPUT_NAME, OUTPUT_NAME, classi
 #: Most accuracy the int8 model may lose against the float model, in percentage points.
 MAX_DROP_PP = 0.05
 CALIBRATION_IMAGES = 500
+#: Generated negatives (the OOD suite's ``train`` split, as the model was trained on) added to the calibration
+#: images of a model with an ``ood_score``: activation ranges fitted on digits alone clip what a non-digit
+#: excites, and the int8 ``ood_score`` then loses the separation the float one has.
+CALIBRATION_NEGATIVES = 250
 #: Quantized operators: the convolutions and the dense layer; everything after the logits stays float.
 QUANTIZED_OPS = ["Conv", "MatMul", "Gemm"]
 CALIBRATION_BATCH = 50
@@ -109,14 +113,21 @@ class _Calibration:
         return None if batch is None else {INPUT_NAME: batch}
 
 
-def calibration_images(card: dict[str, Any], count: int, mnist: Mnist) -> np.ndarray:
-    """``count`` images drawn (seeded) from the float model's training split, as float32 [N, 28, 28, 1] in 0..1."""
+def calibration_images(card: dict[str, Any], count: int, mnist: Mnist, negatives: int = 0) -> np.ndarray:
+    """``count`` images drawn (seeded) from the float model's training split, and ``negatives`` generated
+    non-digits from the OOD suite's ``train`` split, as float32 [N, 28, 28, 1] in 0..1."""
     from training.train import split_data
 
     config = TrainConfig(**card["training"]["config"])
     split = split_data(mnist, config)
     pick = np.random.default_rng(config.seed + 1).choice(len(split.x_train), size=count, replace=False)
-    return (split.x_train[np.sort(pick)].astype(np.float32) / 255.0)[..., None]
+    x = split.x_train[np.sort(pick)].astype(np.float32) / 255.0
+    if negatives:
+        from training.ood import FAMILIES, Digits, generate, train_counts
+
+        suite = generate("train", train_counts(negatives), Digits(split.x_train, split.y_train), FAMILIES)
+        x = np.concatenate([x, suite.images.astype(np.float32)])
+    return x[..., None]
 
 
 def quantize(fp32_path: Path, out_path: Path, x_cal: np.ndarray, method: str = "minmax") -> None:
@@ -240,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     name = f"{args.name}-int8"
     out_dir = args.out or args.models
     mnist = load_mnist(args.data_dir)
-    x_cal = calibration_images(fp32_card, args.calibration_images, mnist)
+    has_ood = any(o.get("name") == "ood_score" for o in fp32_card["onnx"].get("outputs", []))
+    negatives = min(CALIBRATION_NEGATIVES, args.calibration_images // 2) if has_ood else 0
+    x_cal = calibration_images(fp32_card, args.calibration_images, mnist, negatives)
     x_test, y_test = (mnist.x_test.astype(np.float32) / 255.0)[..., None], mnist.y_test
     smoke = TrainConfig(**fp32_card["training"]["config"]).smoke
     if smoke:  # the smoke model: its own test subset, as its card
@@ -255,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         int8["reference_agreement"] = reference_agreement(candidate, x_test)
         calibration = {
             "images": len(x_cal),
-            "source": "MNIST training split of the float model (seeded sample)",
+            "source": "MNIST training split of the float model (seeded sample)"
+            + (f", and {negatives} generated non-digits from the OOD suite's train split" if negatives else ""),
             "method": args.method,
         }
         card = build_card(fp32_card, candidate, name, fp32, int8, calibration)

@@ -38,6 +38,11 @@ def test_calibration_images_come_from_the_training_split(fp32_card: dict, mnist:
     split = split_data(mnist, TrainConfig(**fp32_card["training"]["config"]))
     train = {img.tobytes() for img in split.x_train}
     assert all((np.rint(img[..., 0] * 255).astype(np.uint8)).tobytes() in train for img in x)
+    # With negatives (for a model with an ood_score): the same digits first, then non-digits from the OOD
+    # suite's train split, none of them a training digit.
+    both = quantize.calibration_images(fp32_card, 40, mnist, negatives=20)
+    assert both.shape == (60, 28, 28, 1) and np.array_equal(both[:40], x) and 0 <= both.min() and both.max() <= 1
+    assert not any((np.rint(img[..., 0] * 255).astype(np.uint8)).tobytes() in train for img in both[40:])
 
 
 def test_a_quantized_model_serves_like_the_float_one(
@@ -52,7 +57,9 @@ def test_a_quantized_model_serves_like_the_float_one(
     fp32, int8 = quantize.measure(FP32, x, y), quantize.measure(out, x, y)
     card = quantize.build_card(fp32_card, out, "mnist-cnn-int8", fp32, int8, {"images": 100})
     assert card["onnx"]["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
-    assert set(card) >= set(fp32_card) and card["quantization"]["from"]["sha256"] == fp32_card["onnx"]["sha256"]
+    # Everything of the float card but its trust section: python -m training.trust writes the int8 model's own.
+    assert set(card) >= set(fp32_card) - {"trust"} and "trust" not in card
+    assert card["quantization"]["from"]["sha256"] == fp32_card["onnx"]["sha256"]
     assert card["onnx"]["parity"]["argmax_agreement"] >= 990
     (tmp_path / "mnist-cnn-int8.json").write_text(json.dumps(card))
     served = load_files(out, tmp_path / "mnist-cnn-int8.json")  # the service's checks: hash, tensors, warm-up
