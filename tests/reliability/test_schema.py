@@ -6,7 +6,7 @@ Cases are generated from the schema (valid and invalid bodies, query parameters,
 real HTTP to ``python -m service`` serving the committed models. Each answer must not be a server error, must use a
 documented status code and content type, and must match the documented response schema: /v1 and /v2 alike, since
 every /v2 route documents its own statuses and bodies (metadata, configuration, the inference response, the
-protocol's error body), and the path examples (mnist-cnn, 1.0.0) reach their 200s.
+protocol's error body), and the path examples (mnist-cnn and the shipped version) reach their 200s.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ headers). tests/reliability/test_schema.py then fuzzes the same document against
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,7 +28,8 @@ from service.settings import Settings
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "models"
 MODEL = "mnist-cnn"
-VERSION = "1.0.0"
+#: The shipped model's version, from its card: the document's examples must name it (test below).
+VERSION = json.loads((MODEL_DIR / f"{MODEL}.json").read_text())["version"]
 KEY = "a-test-key-of-at-least-16-characters"
 
 #: (method, path) → (operationId, the statuses the route answers). Statuses the server answers before any route
@@ -329,3 +331,21 @@ def test_each_documented_status_is_answered_as_documented(
     if status >= 400:  # Retry-After on 503, WWW-Authenticate on 401 (200's binary-output header is conditional)
         for header in documented.get("headers", {}):
             assert header in response.headers, header
+
+
+def test_the_documents_examples_name_the_shipped_version(document: dict[str, Any]) -> None:
+    """Swagger UI's "try it out" and schemathesis start from the examples: a stale version would only ever 404."""
+    examples = [
+        param["schema"]["examples"]
+        for path in document["paths"].values()
+        for op in path.values()
+        for param in op.get("parameters", [])
+        if param["name"] == "version" and param["in"] == "path"
+    ]
+    examples += [
+        prop["examples"]
+        for component in document["components"]["schemas"].values()
+        for name, prop in component.get("properties", {}).items()
+        if name in ("version", "model_version", "versions") and "examples" in prop
+    ]
+    assert len(examples) >= 5 and all(VERSION in str(e) for e in examples), examples
