@@ -12,7 +12,8 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -228,13 +229,7 @@ def test_a_drain_that_runs_out_of_time_answers_503_not_500(live_server: StartSer
 def test_slow_bodies_hold_only_what_they_sent_of_the_body_budget(live_server: StartServer, mnist_test: tuple) -> None:
     """Four clients promising 16 MB and sending a byte used to take the whole 64 MiB budget: every POST got 503."""
     server = live_server(env={"MNIST_SERVE_MAX_INFLIGHT_BODY_BYTES": str(200_000)})
-    promises = []
-    for _ in range(4):
-        sock = connect(server.port)
-        sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
-        sock.sendall(b"Content-Length: 16000000\r\n\r\n{")
-        promises.append(sock)
-    try:
+    with stalled_posts(server.port, 4, b"Content-Length: 16000000\r\n\r\n{"):
         time.sleep(0.3)
         answer = httpx.post(f"{server.url}/v1/predict", json=pixels_payload(mnist_test[0][0]), timeout=10)
         assert answer.status_code == 200 and answer.json()["digit"] == mnist_test[1][0]
@@ -245,27 +240,32 @@ def test_slow_bodies_hold_only_what_they_sent_of_the_body_budget(live_server: St
         )
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "too_many_bytes"
         assert refused.headers["Retry-After"]
-    finally:
-        for sock in promises:
-            sock.close()
 
 
 def test_bodies_stalled_at_the_connection_cap_make_way_for_a_probe(live_server: StartServer) -> None:
     """Connections whose bodies stall are not idle, but when every slot is taken the most stalled one goes (408)."""
     server = live_server(env={"MNIST_SERVE_MAX_CONNECTIONS": "8"})
-    stalled = []
-    for _ in range(8):
-        sock = connect(server.port)
-        sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
-        sock.sendall(b"Transfer-Encoding: chunked\r\n\r\n1\r\n{\r\n")
-        stalled.append(sock)
-    try:
+    with stalled_posts(server.port, 8, b"Transfer-Encoding: chunked\r\n\r\n1\r\n{\r\n") as stalled:
         time.sleep(0.3)
         for _ in range(3):
             assert _ready_in(server, 2.0)
         assert read_all(stalled[0], 5).startswith(b"HTTP/1.1 408")  # the longest stalled made way
+
+
+@contextmanager
+def stalled_posts(port: int, count: int, rest_of_head: bytes) -> Iterator[list[socket.socket]]:
+    """``count`` connections that sent a POST /v1/predict's head (ending with ``rest_of_head``, which may start
+    the body) and then nothing more; closed on the way out."""
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = connect(port)
+            sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+            sock.sendall(rest_of_head)
+            sockets.append(sock)
+        yield sockets
     finally:
-        for sock in stalled:
+        for sock in sockets:
             sock.close()
 
 
