@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from training.data import load_test_set
-from training.export import classification_metrics, ort_predict
+from training.export import classification_metrics, ort_outputs
 
 CLASSES = list(range(10))
 
@@ -194,7 +194,7 @@ def evaluate(
     else:
         assert onnx_path is not None
         x = x_u8.astype(np.float32) / 255.0
-        probs = ort_predict(onnx_path.read_bytes(), x[..., None])
+        probs, _ = ort_outputs(onnx_path, x[..., None])
         title = onnx_path.stem
         out = out or onnx_path.parent / f"{onnx_path.stem}-eval"
     rep = report(y, probs)

@@ -104,15 +104,6 @@ def _rename_io(proto: Any, outputs: list[str] | None = None) -> Any:
     return proto
 
 
-def ort_predict(onnx_bytes: bytes, x: np.ndarray, batch: int = 1000) -> np.ndarray:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-    return np.concatenate(
-        [session.run([OUTPUT_NAME], {INPUT_NAME: x[i : i + batch]})[0] for i in range(0, len(x), batch)]
-    )
-
-
 def ort_outputs(model: bytes | str | Path, x: np.ndarray, batch: int = 1000) -> tuple[np.ndarray, np.ndarray | None]:
     """``probabilities`` and, when the graph has it, ``ood_score`` for every image of ``x`` (N×28×28×1)."""
     import onnxruntime as ort

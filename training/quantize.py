@@ -54,7 +54,8 @@ CALIBRATION_BATCH = 50
 BENCH_IMAGES = 1000
 
 
-def _session(model: Path | bytes, threads: int = 1) -> Any:
+def service_session(model: Path | bytes, threads: int = 1) -> Any:
+    """An onnxruntime session with the options the service runs the model with."""
     import onnxruntime as ort
 
     from service.model import session_options  # the options the service runs the model with
@@ -82,7 +83,7 @@ def reference_session(model: Path | bytes) -> Any:
 
 def reference_agreement(model: Path, x: np.ndarray) -> dict[str, Any]:
     """How closely the optimised (integer-kernel) run matches the unoptimised float reference."""
-    fast, ref = predict(_session(model), x), predict(reference_session(model), x)
+    fast, ref = predict(service_session(model), x), predict(reference_session(model), x)
     return {
         "images": len(x),
         "argmax_agreement": int(np.sum(fast.argmax(1) == ref.argmax(1))),
@@ -160,7 +161,7 @@ def quantize(fp32_path: Path, out_path: Path, x_cal: np.ndarray, method: str = "
 
 def measure(path: Path, x: np.ndarray, y: np.ndarray, bench_images: int = BENCH_IMAGES) -> dict[str, Any]:
     """Test-set metrics, the probabilities, and single-thread throughput at batch 1 and 256."""
-    session = _session(path)
+    session = service_session(path)
     probs = predict(session, x)
     speed = {f"batch_{b}": round(throughput(session, x[:bench_images], b), 1) for b in (1, 256)}
     return {"metrics": classification_metrics(y, probs), "probs": probs, "images_per_second": speed}

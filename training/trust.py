@@ -391,14 +391,9 @@ def without_trust_outputs(onnx_path: Path) -> bytes:
 def cost(onnx_path: Path, x: np.ndarray, rounds: int = 7, images: tuple[int, int] = (1000, 4096)) -> dict[str, Any]:
     """Throughput of the graph with its trust outputs against the same graph without them (one intra-op thread,
     in-process onnxruntime, the service's session options), at batch 1 and 256."""
-    import onnxruntime as ort
+    from training.quantize import service_session
 
-    from service.model import session_options
-
-    def session(model: str | bytes) -> Any:
-        return ort.InferenceSession(model, sess_options=session_options(1, 1), providers=["CPUExecutionProvider"])
-
-    new, old = session(str(onnx_path)), session(without_trust_outputs(onnx_path))
+    new, old = service_session(onnx_path), service_session(without_trust_outputs(onnx_path))
     xs = x[..., None].astype(np.float32)
     result: dict[str, Any] = {
         "definition": "images per second of the shipped graph (calibrated probabilities + ood_score) divided by "

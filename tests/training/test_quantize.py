@@ -74,7 +74,7 @@ def test_the_shipped_int8_model_keeps_its_promises(fp32_card: dict, mnist_test: 
     assert card["onnx"]["sha256"] == hashlib.sha256(INT8.read_bytes()).hexdigest()
     assert card["quantization"]["from"]["sha256"] == fp32_card["onnx"]["sha256"], "quantized from the shipped model"
     x, y = (mnist_test[0].astype(np.float32) / 255.0)[..., None], mnist_test[1]
-    probs = quantize.predict(quantize._session(INT8), x)
+    probs = quantize.predict(quantize.service_session(INT8), x)
     reference = quantize.predict(quantize.reference_session(INT8), x)
     # The integer kernels this CPU picks must compute what the QDQ graph says: onnxruntime's unoptimised run of
     # the same graph (Q/DQ in float) is the CPU-independent yardstick. With full 8-bit weights, AVX2 without VNNI
