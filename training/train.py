@@ -73,6 +73,7 @@ def training_set(split: Split, config: TrainConfig) -> TrainingSet:
     if not config.reject_class:
         empty = np.zeros((0, 28, 28), np.uint8)
         return TrainingSet(split.x_train, split.y_train, empty, empty[:, 0, 0], {"mnist_digits": len(split.x_train)})
+    from service.preprocess import to_uint8
     from training.model import REJECT
     from training.ood import FAMILIES, Digits, default_workers, draw_digits, generate, train_counts
 
@@ -83,11 +84,7 @@ def training_set(split: Split, config: TrainConfig) -> TrainingSet:
     workers = default_workers()
     drawn = draw_digits(split.x_train[pick], seed=config.seed + 3, workers=workers)
     negatives = generate("train", train_counts(n_neg), Digits(split.x_train, split.y_train), FAMILIES, workers=workers)
-
-    def u8(images: np.ndarray) -> np.ndarray:
-        return np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)
-
-    x_extra = np.concatenate([u8(drawn), u8(negatives.images)])
+    x_extra = np.concatenate([to_uint8(drawn), to_uint8(negatives.images)])
     y_extra = np.concatenate([split.y_train[pick], np.full(len(negatives.images), REJECT, np.uint8)])
     counts = {"mnist_digits": len(split.x_train), "drawn_digits": len(drawn), "negatives": len(negatives.images)}
     return TrainingSet(split.x_train, split.y_train, x_extra, y_extra.astype(np.uint8), counts)
