@@ -23,10 +23,16 @@ ECE_BINS = 15
 T_RANGE = (0.05, 20.0)
 
 
-def log_softmax(z: np.ndarray) -> np.ndarray:
+def logsumexp(z: np.ndarray, axis: int = -1, keepdims: bool = False) -> np.ndarray:
+    """log(sum(exp(z))) along ``axis``, in float64, shifted by the maximum so that nothing overflows."""
     z = z.astype(np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    return np.asarray(z - np.log(np.exp(z).sum(axis=1, keepdims=True)))
+    top = z.max(axis=axis, keepdims=True)
+    out = top + np.log(np.exp(z - top).sum(axis=axis, keepdims=True))
+    return np.asarray(out if keepdims else np.squeeze(out, axis=axis))
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    return np.asarray(z.astype(np.float64) - logsumexp(z, axis=1, keepdims=True))
 
 
 def nll(probs: np.ndarray, y: np.ndarray) -> float:

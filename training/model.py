@@ -17,6 +17,8 @@ import keras
 import numpy as np
 from keras import layers, regularizers
 
+from training.calibrate import logsumexp
+
 INPUT_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
 #: Index of the "not a digit" logit in a reject-class head.
@@ -84,9 +86,7 @@ def emits_logits(model: keras.Model) -> bool:
 
 
 def softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
-    z = z - z.max(axis=axis, keepdims=True)
-    e = np.exp(z)
-    return np.asarray(e / e.sum(axis=axis, keepdims=True))
+    return np.asarray(np.exp(z - logsumexp(z, axis=axis, keepdims=True)))
 
 
 def digit_probabilities(outputs: np.ndarray, logits: bool, temperature: float = 1.0) -> np.ndarray:
@@ -99,10 +99,7 @@ def digit_probabilities(outputs: np.ndarray, logits: bool, temperature: float = 
 def ood_score(outputs: np.ndarray) -> np.ndarray:
     """Log-odds of "not a digit" against all ten digits: reject logit − logsumexp(digit logits)."""
     z = outputs.astype(np.float64)
-    digits = z[:, :NUM_CLASSES]
-    top = digits.max(axis=1)
-    lse = top + np.log(np.exp(digits - top[:, None]).sum(axis=1))
-    return np.asarray(z[:, REJECT] - lse, dtype=np.float32)
+    return np.asarray(z[:, REJECT] - logsumexp(z[:, :NUM_CLASSES], axis=1), dtype=np.float32)
 
 
 def augmenter(rotation_degrees: float, shift: float, zoom: float, seed: int) -> keras.Sequential:
