@@ -122,9 +122,7 @@ def judge(rows: FloatArray, rule: VerdictRule) -> tuple[IntArray, FloatArray, li
     probs = rows[:, :NUM_CLASSES]
     digits = probs.argmax(axis=1)  # the array methods: numpy's module functions add a wrapper per call
     confidence = probs.max(axis=1)
-    codes = (confidence < rule.unsure_below_confidence).astype(np.int8)
-    if rule.not_a_digit_at_or_above is not None and rows.shape[1] > NUM_CLASSES:
-        codes[rows[:, NUM_CLASSES] >= rule.not_a_digit_at_or_above] = 2
+    codes = rule.codes(confidence, rows[:, NUM_CLASSES] if rows.shape[1] > NUM_CLASSES else None)
     return digits.astype(np.int64), confidence, [VERDICTS[c] for c in codes.tolist()]
 
 

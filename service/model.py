@@ -94,6 +94,14 @@ class VerdictRule:
                 raise ModelLoadError(f"model card {path.name}: trust.verdict.{name} must be a number")
         return cls(ood, None if at_or_above is None else float(at_or_above), float(unsure))
 
+    def codes(self, confidence: FloatArray, ood: FloatArray | None) -> npt.NDArray[np.int8]:
+        """Each image's verdict as 0 ``digit``, 1 ``unsure`` or 2 ``not_a_digit`` (the order of
+        :data:`service.metrics.VERDICTS`), from its top probability and its OOD score (None: the model has none)."""
+        codes = (confidence < self.unsure_below_confidence).astype(np.int8)
+        if self.not_a_digit_at_or_above is not None and ood is not None:
+            codes[ood >= self.not_a_digit_at_or_above] = 2
+        return codes
+
 
 @dataclass(frozen=True)
 class ModelCard:

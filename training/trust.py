@@ -70,11 +70,11 @@ class Verdict:
     unsure_below_confidence: float
 
     def apply(self, probs: np.ndarray, ood: np.ndarray | None) -> np.ndarray:
-        """0 ``digit``, 1 ``unsure``, 2 ``not_a_digit`` for each row."""
-        out = np.where(probs.max(axis=1) < self.unsure_below_confidence, UNSURE, DIGIT)
-        if self.ood_output is not None and self.not_a_digit_at_or_above is not None and ood is not None:
-            out = np.where(ood >= self.not_a_digit_at_or_above, NOT_A_DIGIT, out)
-        return out
+        """0 ``digit``, 1 ``unsure``, 2 ``not_a_digit`` for each row: the service's own rule."""
+        from service.model import VerdictRule
+
+        rule = VerdictRule(self.ood_output, self.not_a_digit_at_or_above, self.unsure_below_confidence)
+        return rule.codes(probs.max(axis=1), ood if self.ood_output is not None else None)
 
     def to_card(self) -> dict[str, Any]:
         return {
