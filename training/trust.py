@@ -869,9 +869,9 @@ def process(models: Path, name: str, docs: Path | None, data_dir: Path | None, w
 
     sections: dict[str, dict[str, Any]] = {}
     evaluations: dict[str, Evaluation] = {}
+    temperature = float(card["trust"]["calibration"]["temperature"])
     for target, path, cpath in targets:
         tcard = json.loads(cpath.read_text())
-        temperature = float(card["trust"]["calibration"]["temperature"])
         ev = evaluate_model(target, path, data, temperature=temperature)
         cost_figures = cost(path, data.x_test, rounds=cost_rounds, images=(200, 512) if config.smoke else (1000, 4096))
         if target != name:  # the int8 model keeps the float model's temperature, measured on its own outputs
@@ -879,7 +879,7 @@ def process(models: Path, name: str, docs: Path | None, data_dir: Path | None, w
         section = trust_section(ev, tcard, data, cost_figures)
         tcard["trust"] = section
         cpath.write_text(json.dumps(tcard, indent=2) + "\n")
-        sections[target], evaluations[target] = {**section, "calibration": section["calibration"]}, ev
+        sections[target], evaluations[target] = section, ev
         _print_summary(target, section)
 
     if docs is not None:
@@ -890,7 +890,6 @@ def process(models: Path, name: str, docs: Path | None, data_dir: Path | None, w
             baseline = None
         main_ev = evaluations[name]
         test = main_ev.outputs["test"]
-        temperature = float(card["trust"]["calibration"]["temperature"])
         plots = {
             "suite": plot_suite(data, docs / "trust-ood-suite.png"),
             "reliability": plot_reliability(
