@@ -1,9 +1,9 @@
 """Static int8 quantization of the exported model (QDQ, per-channel), judged against the float model.
 
     mnist-quantize                                   # models/mnist-cnn.onnx -> models/mnist-cnn-int8.onnx + card
-    mnist-quantize --calibration-images 1000 --method percentile --out /tmp/int8
+    mnist-quantize --calibration-images 1000 --method minmax --out /tmp/int8
 
-Weights are quantized per output channel, activations per tensor with ranges calibrated on images from the
+Weights are quantized per output channel, activations per tensor with ranges (the 99.999th percentile) calibrated on images from the
 float model's own training split (never its validation or test images), after onnxruntime's pre-processing
 (shape inference and graph optimisation). Only the convolutions and the dense layer are quantized: the head
 (temperature, softmax, ``ood_score``) stays float, so probabilities and scores keep their resolution.
@@ -48,6 +48,13 @@ CALIBRATION_IMAGES = 500
 #: images of a model with an ``ood_score``: activation ranges fitted on digits alone clip what a non-digit
 #: excites, and the int8 ``ood_score`` then loses the separation the float one has.
 CALIBRATION_NEGATIVES = 250
+#: How activation ranges are set from the calibration images. Percentile (the 99.999th, onnxruntime's default)
+#: rather than min-max: the few extreme activations a non-digit excites would otherwise stretch every range and
+#: leave the digits, and the small differences ``ood_score`` reads, too few levels. Judged on the suite's ``fit``
+#: split and the validation digits (mnist-cnn 1.1.0, 0.4 % of validation digits rejected by ``ood_score``): the
+#: worst fit family rejected 96.8 % with percentile, 94.3 % with min-max, 61.6 % with min-max on 1,000 + 1,000
+#: images; keeping the dense layer, or also the last convolution, in float changed nothing.
+CALIBRATION_METHOD = "percentile"
 #: Quantized operators: the convolutions and the dense layer; everything after the logits stays float.
 QUANTIZED_OPS = ["Conv", "MatMul", "Gemm"]
 CALIBRATION_BATCH = 50
@@ -131,7 +138,7 @@ def calibration_images(card: dict[str, Any], count: int, mnist: Mnist, negatives
     return x[..., None]
 
 
-def quantize(fp32_path: Path, out_path: Path, x_cal: np.ndarray, method: str = "minmax") -> None:
+def quantize(fp32_path: Path, out_path: Path, x_cal: np.ndarray, method: str = CALIBRATION_METHOD) -> None:
     """Pre-process ``fp32_path`` and quantize it to int8 QDQ (per-channel weights) at ``out_path``."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -241,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="mnist-cnn", help="the float model's name")
     parser.add_argument("--out", type=Path, help="where to write <name>-int8.onnx + .json (default: --models)")
     parser.add_argument("--calibration-images", type=int, default=CALIBRATION_IMAGES)
-    parser.add_argument("--method", choices=("minmax", "entropy", "percentile"), default="minmax")
+    parser.add_argument("--method", choices=("minmax", "entropy", "percentile"), default=CALIBRATION_METHOD)
     parser.add_argument("--max-drop-pp", type=float, default=MAX_DROP_PP)
     parser.add_argument("--force", action="store_true", help="write the int8 model even if it does not qualify")
     parser.add_argument("--data-dir", type=Path)

@@ -195,7 +195,7 @@ def test_without_trust_outputs_is_the_same_classifier() -> None:
 @pytest.mark.skipif(not INT8.exists(), reason="no int8 model shipped")
 def test_the_int8_card_has_its_own_verdict_and_says_what_it_misses(card: dict[str, Any]) -> None:
     """int8 is judged by its own thresholds on the same suite. Its ood_score separates less well than the float
-    model's (three families under 95 %): the card says so, and docs/trust.md tells users to serve the float
+    model's (digits cut off at an edge: 89.6 %, under 95 %): the card says so, and docs/trust.md tells users to serve the float
     model where the verdict matters."""
     int8 = json.loads(INT8_CARD.read_text())
     assert int8["quantization"]["from"]["sha256"] == card["onnx"]["sha256"]
@@ -205,4 +205,5 @@ def test_the_int8_card_has_its_own_verdict_and_says_what_it_misses(card: dict[st
     met = t["targets_met"]
     assert met["every_family_at_least_95_percent"] == all(r >= trust.TARGET_FAMILY_REJECTED for r in rates.values())
     assert met["test_digits_rejected_at_most_1_percent"] and t["selective"]["test_digits_rejected"] <= 0.01
-    assert min(rates.values()) >= 0.85, rates  # no worse than the shipped int8 (cut-off digits: 89 %)
+    assert min(rates.values()) >= 0.88, rates  # no worse than the shipped int8 (cut-off digits: 89.6 %)
+    assert sum(r < trust.TARGET_FAMILY_REJECTED for r in rates.values()) <= 1, rates
