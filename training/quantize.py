@@ -3,10 +3,11 @@
     mnist-quantize                                   # models/mnist-cnn.onnx -> models/mnist-cnn-int8.onnx + card
     mnist-quantize --calibration-images 1000 --method minmax --out /tmp/int8
 
-Weights are quantized per output channel, activations per tensor with ranges (the 99.999th percentile) calibrated on images from the
-float model's own training split (never its validation or test images), after onnxruntime's pre-processing
-(shape inference and graph optimisation). Only the convolutions and the dense layer are quantized: the head
-(temperature, softmax, ``ood_score``) stays float, so probabilities and scores keep their resolution.
+Weights are quantized per output channel, activations per tensor with ranges (the 99.999th percentile)
+calibrated on images from the float model's own training split (never its validation or test images), after
+onnxruntime's pre-processing (shape inference and graph optimisation). Only the convolutions and the dense layer
+are quantized: the head (temperature, softmax, ``ood_score``) stays float, so probabilities and scores keep their
+resolution.
 
 Weights use 7 bits (``reduce_range``): on x86 CPUs without VNNI, onnxruntime's u8×s8 kernels add pairs of
 products in 16 bits, which saturates with full 8-bit weights, so answers would depend on the CPU (the 1.0.0

@@ -195,8 +195,8 @@ def test_without_trust_outputs_is_the_same_classifier() -> None:
 @pytest.mark.skipif(not INT8.exists(), reason="no int8 model shipped")
 def test_the_int8_card_has_its_own_verdict_and_says_what_it_misses(card: dict[str, Any]) -> None:
     """int8 is judged by its own thresholds on the same suite. Its ood_score separates less well than the float
-    model's (digits cut off at an edge: 89.6 %, under 95 %): the card says so, and docs/trust.md tells users to serve the float
-    model where the verdict matters."""
+    model's (digits cut off at an edge: 89.6 %, under 95 %): the card says so, and docs/trust.md tells users to
+    serve the float model where the verdict matters."""
     int8 = json.loads(INT8_CARD.read_text())
     assert int8["quantization"]["from"]["sha256"] == card["onnx"]["sha256"]
     t = int8["trust"]
