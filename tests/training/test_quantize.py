@@ -87,3 +87,19 @@ def test_the_shipped_int8_model_keeps_its_promises(fp32_card: dict, mnist_test: 
     assert card["quantization"]["reference_agreement"]["argmax_agreement"] >= len(y) - 1
     drop_pp = (fp32_card["metrics"]["test_accuracy"] - card["metrics"]["test_accuracy"]) * 100
     assert drop_pp <= quantize.MAX_DROP_PP + 1e-9
+    # The calibration method the card names is the one the quantizer keeps on the validation digits.
+    x_val, y_val = quantize.validation_digits(fp32_card, load_mnist())
+    assert quantize.validation_drop_pp(FP32, INT8, x_val, y_val) <= quantize.MAX_DROP_PP
+    assert card["quantization"]["calibration"]["method"] == quantize.CALIBRATION_METHOD
+
+
+def test_a_method_that_loses_validation_accuracy_is_replaced_by_min_max(tmp_path: Path, capsys) -> None:
+    # With a limit no model can meet (int8 must gain 5 points), the percentile model counts as one that loses
+    # accuracy: the quantizer must fall back to min-max, and say so in the card (--force writes it regardless).
+    code = quantize.main(["--calibration-images", "100", "--max-drop-pp", "-5", "--force", "--out", str(tmp_path)])
+    assert code == 0
+    assert "quantizing again with minmax" in capsys.readouterr().out
+    calibration = json.loads((tmp_path / "mnist-cnn-int8.json").read_text())["quantization"]["calibration"]
+    assert calibration["method"] == quantize.FALLBACK_METHOD != quantize.CALIBRATION_METHOD
+    assert calibration["validation_accuracy_drop_pp"] < 1  # min-max keeps this model's accuracy
+    assert (tmp_path / "mnist-cnn-int8.onnx").stat().st_size > 0
