@@ -82,7 +82,7 @@ def to_onnx(model: Any, opset: int = OPSET, temperature: float | None = None) ->
 
         names = [OUTPUT_NAME]
     proto, _ = tf2onnx.convert.from_function(serve, input_signature=spec, opset=opset)
-    return _rename_io(proto, names)
+    return _stable_constants(_rename_io(proto, names))
 
 
 def _rename_io(proto: Any, outputs: list[str] | None = None) -> Any:
@@ -101,6 +101,35 @@ def _rename_io(proto: Any, outputs: list[str] | None = None) -> Any:
         dim = value.type.tensor_type.shape.dim[0]
         dim.ClearField("dim_value")
         dim.dim_param = BATCH_DIM
+    return proto
+
+
+def _stable_constants(proto: Any) -> Any:
+    """Name the constants tf2onnx made up (``const_axes__45``) by where the graph first uses them, and list every
+    initializer in that order. tf2onnx merges equal constants and keeps whichever a hash-ordered set yields first,
+    so its names and order change from one Python process to the next: the same weights exported twice would
+    give two files, two sha256s and two cards."""
+    import re
+
+    graph = proto.graph
+    first_use: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            first_use.setdefault(name, len(first_use))
+    made_up = re.compile(r"__\d+$")
+    initializers = sorted(graph.initializer, key=lambda i: (first_use.get(i.name, len(first_use)), i.name))
+    renames = {i.name: f"const_{k}" for k, i in enumerate(initializers) if made_up.search(i.name)}
+    taken = {i.name for i in initializers} | {o for node in graph.node for o in node.output}
+    if taken & set(renames.values()):
+        raise ExportError(f"constant names already in use: {sorted(taken & set(renames.values()))}")
+    for node in graph.node:
+        node.input[:] = [renames.get(n, n) for n in node.input]
+    ordered = [type(i)() for i in initializers]
+    for new, old in zip(ordered, initializers, strict=True):
+        new.CopyFrom(old)
+        new.name = renames.get(old.name, old.name)
+    del graph.initializer[:]
+    graph.initializer.extend(ordered)
     return proto
 
 

@@ -66,6 +66,40 @@ def test_export_names_io_and_batch_dimension(exported: tuple[Path, dict[str, Any
     assert {p.key: p.value for p in model.metadata_props} == {"name": "smoke", "version": "0.0.1"}
 
 
+def test_export_names_constants_the_same_way_in_every_process(exported: tuple[Path, dict[str, Any]]) -> None:
+    # tf2onnx names the constants it makes up with a counter and, of equal ones, keeps whichever a hash-ordered
+    # set yields first: other names and another initializer order in another process. The export renames them
+    # by first use, so both spellings of the same graph must come out as the very bytes that were shipped.
+    from training.export import _stable_constants
+
+    out, _ = exported
+    shipped = onnx.load(out / "smoke.onnx")
+    made_up = [i.name for i in shipped.graph.initializer if i.name.startswith("const_")]
+    assert made_up, "the graph has constants tf2onnx made up"
+
+    def as_tf2onnx_might(suffixes: list[int], reverse: bool) -> Any:
+        variant = onnx.ModelProto()
+        variant.CopyFrom(shipped)
+        names = {name: f"const_axes__{n}" for name, n in zip(made_up, suffixes, strict=True)}
+        for node in variant.graph.node:
+            node.input[:] = [names.get(n, n) for n in node.input]
+        inits = list(variant.graph.initializer)
+        for init in inits:
+            init.name = names.get(init.name, init.name)
+        copies = [type(i)() for i in inits]
+        for c, i in zip(copies, inits, strict=True):
+            c.CopyFrom(i)
+        del variant.graph.initializer[:]
+        variant.graph.initializer.extend(reversed(copies) if reverse else copies)
+        return variant
+
+    first = as_tf2onnx_might([40 + 3 * k for k in range(len(made_up))], reverse=False)
+    second = as_tf2onnx_might([90 - 2 * k for k in range(len(made_up))], reverse=True)
+    assert first.SerializeToString() != second.SerializeToString()
+    for variant in (first, second):
+        assert _stable_constants(variant).SerializeToString() == shipped.SerializeToString()
+
+
 def test_model_card_describes_exactly_the_shipped_file(exported: tuple[Path, dict[str, Any]], mnist_test) -> None:
     import hashlib
 
