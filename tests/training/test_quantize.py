@@ -38,11 +38,14 @@ def test_calibration_images_come_from_the_training_split(fp32_card: dict, mnist:
     split = split_data(mnist, TrainConfig(**fp32_card["training"]["config"]))
     train = {img.tobytes() for img in split.x_train}
     assert all((np.rint(img[..., 0] * 255).astype(np.uint8)).tobytes() in train for img in x)
-    # With negatives (for a model with an ood_score): the same digits first, then non-digits from the OOD
-    # suite's train split, none of them a training digit.
-    both = quantize.calibration_images(fp32_card, 40, mnist, negatives=20)
-    assert both.shape == (60, 28, 28, 1) and np.array_equal(both[:40], x) and 0 <= both.min() and both.max() <= 1
+    # For a model with an ood_score: the same digits first, then training digits drawn as people draw them, then
+    # non-digits from the OOD suite's train split; none of the last two is a training digit as it stands.
+    both = quantize.calibration_images(fp32_card, 40, mnist, negatives=20, drawn=10)
+    assert both.shape == (70, 28, 28, 1) and np.array_equal(both[:40], x) and 0 <= both.min() and both.max() <= 1
     assert not any((np.rint(img[..., 0] * 255).astype(np.uint8)).tobytes() in train for img in both[40:])
+    assert all(img.max() > 0.5 for img in both[40:50])  # drawn digits: ink, centred as to_mnist centres it
+    again = quantize.calibration_images(fp32_card, 40, mnist, negatives=20, drawn=10)
+    assert np.array_equal(both, again)  # seeded: the same calibration set, so the same int8 bytes
 
 
 def test_a_quantized_model_serves_like_the_float_one(

@@ -193,17 +193,19 @@ def test_without_trust_outputs_is_the_same_classifier() -> None:
 
 
 @pytest.mark.skipif(not INT8.exists(), reason="no int8 model shipped")
-def test_the_int8_card_has_its_own_verdict_and_says_what_it_misses(card: dict[str, Any]) -> None:
-    """int8 is judged by its own thresholds on the same suite. Its ood_score separates less well than the float
-    model's (digits cut off at an edge: 89.6 %, under 95 %): the card says so, and docs/trust.md tells users to
-    serve the float model where the verdict matters."""
+def test_the_int8_model_is_held_to_the_same_targets(card: dict[str, Any]) -> None:
+    """int8 is judged by its own thresholds on the same suite, against the same targets as the float model: every
+    held-out family at least 95 % rejected (its calibration images include drawn digits and non-digits, so its
+    ood_score keeps the separation the float one has), at most 1 % of test digits rejected."""
     int8 = json.loads(INT8_CARD.read_text())
     assert int8["quantization"]["from"]["sha256"] == card["onnx"]["sha256"]
     t = int8["trust"]
     assert t["verdict"]["ood_output"] == "ood_score" and t["calibration"]["from"] == "mnist-cnn"
     rates = {f: v["not_digit_rate"] for f, v in t["ood"]["held_out"]["per_family"].items() if f in trust.FAMILIES}
+    assert set(rates) == set(trust.FAMILIES)
+    assert min(rates.values()) >= trust.TARGET_FAMILY_REJECTED, rates
     met = t["targets_met"]
-    assert met["every_family_at_least_95_percent"] == all(r >= trust.TARGET_FAMILY_REJECTED for r in rates.values())
-    assert met["test_digits_rejected_at_most_1_percent"] and t["selective"]["test_digits_rejected"] <= 0.01
-    assert min(rates.values()) >= 0.88, rates  # no worse than the shipped int8 (cut-off digits: 89.6 %)
-    assert sum(r < trust.TARGET_FAMILY_REJECTED for r in rates.values()) <= 1, rates
+    assert met["every_family_at_least_95_percent"] and met["test_digits_rejected_at_most_1_percent"]
+    assert t["selective"]["test_digits_rejected"] <= trust.TARGET_DIGITS_REJECTED
+    # and it keeps the float model's digits: no more wrong answers let through than the float verdict's, plus one
+    assert t["selective"]["errors_accepted"] <= card["trust"]["selective"]["errors_accepted"] + 1
