@@ -90,7 +90,7 @@ smoke: $(VENV)/.dev
 	$(BIN)/mnist-train --model cnn --smoke
 	$(BIN)/mnist-evaluate --run runs/cnn-smoke
 	$(BIN)/mnist-export --run runs/cnn-smoke --out runs/cnn-smoke/export
-	$(BIN)/mnist-quantize --models runs/cnn-smoke/export --force
+	$(BIN)/mnist-quantize --models runs/cnn-smoke/export --calibration-images 200 --force
 	$(BIN)/python -m training.trust --models runs/cnn-smoke/export --docs runs/cnn-smoke/docs --cost-rounds 1
 
 ## lint: the CI gate: ruff format --check, ruff check and mypy (strict on service/)
