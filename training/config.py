@@ -48,6 +48,8 @@ class TrainConfig:
     extras_per_epoch: int = 0
     """Drawn digits and negatives sampled into each epoch next to all the MNIST digits (0: all of them, every
     epoch). Each epoch still sees every MNIST training digit once; the extras come round every few epochs."""
+    batchnorm_momentum: float = 0.99
+    """How slowly BatchNorm's inference statistics follow the batches (Keras' default; the ``cnn`` model only)."""
     seed: int = 42
     smoke: bool = False
     """Train on a small subset (CI and quick checks), not the full data."""

@@ -42,24 +42,27 @@ def build_seed_cnn(l2: float = 1e-4) -> keras.Model:
     return keras.Model(inputs, outputs, name="seed")
 
 
-def _conv_bn(x: keras.KerasTensor, filters: int, name: str) -> keras.KerasTensor:
+def _conv_bn(x: keras.KerasTensor, filters: int, name: str, momentum: float) -> keras.KerasTensor:
     x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv")(x)
-    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    x = layers.BatchNormalization(momentum=momentum, name=f"{name}_bn")(x)
     return layers.ReLU(name=f"{name}_relu")(x)
 
 
-def build_cnn(width: int = 32, dropout: float = 0.25, reject_class: bool = False) -> keras.Model:
+def build_cnn(
+    width: int = 32, dropout: float = 0.25, reject_class: bool = False, batchnorm_momentum: float = 0.99
+) -> keras.Model:
     """The shipped model: 3 BatchNorm conv stages (28→14→7), global average pooling, dropout, then softmax-10,
-    or (``reject_class``) 11 logits: ten digits and "not a digit"."""
+    or (``reject_class``) 11 logits: ten digits and "not a digit". ``batchnorm_momentum`` is Keras' default: how
+    slowly the statistics used at inference follow the batches."""
     inputs = keras.Input(INPUT_SHAPE, name="input")
-    x = _conv_bn(inputs, width, "b1a")
-    x = _conv_bn(x, width, "b1b")
+    x = _conv_bn(inputs, width, "b1a", batchnorm_momentum)
+    x = _conv_bn(x, width, "b1b", batchnorm_momentum)
     x = layers.MaxPooling2D(name="pool1")(x)
-    x = _conv_bn(x, 2 * width, "b2a")
-    x = _conv_bn(x, 2 * width, "b2b")
+    x = _conv_bn(x, 2 * width, "b2a", batchnorm_momentum)
+    x = _conv_bn(x, 2 * width, "b2b", batchnorm_momentum)
     x = layers.MaxPooling2D(name="pool2")(x)
-    x = _conv_bn(x, 4 * width, "b3a")
-    x = _conv_bn(x, 4 * width, "b3b")
+    x = _conv_bn(x, 4 * width, "b3a", batchnorm_momentum)
+    x = _conv_bn(x, 4 * width, "b3b", batchnorm_momentum)
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     x = layers.Dropout(dropout, name="dropout")(x)
     if reject_class:
@@ -69,14 +72,14 @@ def build_cnn(width: int = 32, dropout: float = 0.25, reject_class: bool = False
     return keras.Model(inputs, outputs, name="cnn")
 
 
-def build(name: str, reject_class: bool = False) -> keras.Model:
+def build(name: str, reject_class: bool = False, batchnorm_momentum: float = 0.99) -> keras.Model:
     """Build an architecture by its name (``seed`` or ``cnn``); only ``cnn`` has a reject-class head."""
     if name == "seed":
         if reject_class:
             raise ValueError("the seed model has no reject-class head")
         return build_seed_cnn()
     if name == "cnn":
-        return build_cnn(reject_class=reject_class)
+        return build_cnn(reject_class=reject_class, batchnorm_momentum=batchnorm_momentum)
     raise ValueError(f"unknown model {name!r}; choose one of ['cnn', 'seed']")
 
 

@@ -188,7 +188,7 @@ def train(config: TrainConfig, out_dir: Path, data_dir: Path | None = None, verb
     epoch_images = per_epoch(data, config)
     steps_per_epoch = int(np.ceil(epoch_images / config.batch_size))
 
-    model = build(config.model, reject_class=config.reject_class)
+    model = build(config.model, reject_class=config.reject_class, batchnorm_momentum=config.batchnorm_momentum)
     steps = steps_per_epoch * config.epochs
     if config.warmup_fraction > 0:
         warmup = int(steps * config.warmup_fraction)
@@ -292,7 +292,8 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, Path, Path | None]:
         if v is not None
     }
     if args.smoke:
-        overrides = {"epochs": 2, **overrides, "smoke": True}
+        # ~50 steps: with the default momentum the inference statistics would stay near their initial values
+        overrides = {"epochs": 2, "batchnorm_momentum": 0.9, **overrides, "smoke": True}
     config = TrainConfig.for_model(args.model, **overrides)
     out = args.out or DEFAULT_RUNS / (args.model + ("-smoke" if args.smoke else ""))
     return config, out, args.data_dir
