@@ -1,12 +1,12 @@
 """Static int8 quantization of the exported model (QDQ, per-channel), judged against the float model.
 
     mnist-quantize                                   # models/mnist-cnn.onnx -> models/mnist-cnn-int8.onnx + card
-    mnist-quantize --calibration-images 2000 --method minmax --out /tmp/int8
+    mnist-quantize --calibration-images 500 --method minmax --out /tmp/int8
 
 Weights are quantized per output channel, activations per tensor with ranges (the 99.999th percentile; min-max when
 that loses accuracy on the float model's validation digits) calibrated on images from the float model's own training
-split (never its validation or test images): MNIST digits and, for a model with an ``ood_score``, the same digits
-drawn as people draw them and generated non-digits, after onnxruntime's pre-processing (shape inference and graph
+split (never its validation or test images): MNIST digits and, for a model with an ``ood_score``, other training
+digits drawn as people draw them and generated non-digits, after onnxruntime's pre-processing (shape inference and graph
 optimisation). Only the convolutions and the dense layer are quantized: the head (temperature, softmax,
 ``ood_score``) stays float, so probabilities and scores keep their resolution.
 
@@ -57,6 +57,9 @@ CALIBRATION_IMAGES = 1000
 #: 95.2 %; 1,000 + 1,000 drawn + 2,000 non-digits 95.6 %, with the best mean.
 CALIBRATION_DRAWN = 1000
 CALIBRATION_NEGATIVES = 2000
+#: onnxruntime's calibrator keeps every calibrated tensor of every image until it computes the ranges: about
+#: 570 kB an image for this network, so the default 4,000 images take about 2.3 GB, and memory grows with
+#: ``--calibration-images``.
 #: How activation ranges are set from the calibration images. Percentile (the 99.999th, onnxruntime's default)
 #: rather than min-max: the few extreme activations a non-digit excites would otherwise stretch every range and
 #: leave the digits, and the small differences ``ood_score`` reads, too few levels. Judged on the suite's ``fit``
@@ -146,6 +149,8 @@ def calibration_images(
 
     config = TrainConfig(**card["training"]["config"])
     split = split_data(mnist, config)
+    if not 1 <= max(count, drawn) <= len(split.x_train):
+        raise ValueError(f"calibration digits must be between 1 and the {len(split.x_train):,} training digits")
     pick = np.random.default_rng(config.seed + 1).choice(len(split.x_train), size=count, replace=False)
     parts = [split.x_train[np.sort(pick)].astype(np.float32) / 255.0]
     if drawn:
@@ -287,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         "--calibration-images",
         type=int,
         default=CALIBRATION_IMAGES,
-        help="training digits to calibrate on; drawn digits and non-digits scale with it (default: %(default)s)",
+        help="training digits to calibrate on; drawn digits and non-digits scale with it, and so does memory "
+        "(about 2.3 GB at the default, %(default)s)",
     )
     parser.add_argument("--method", choices=("minmax", "entropy", "percentile"), default=CALIBRATION_METHOD)
     parser.add_argument("--max-drop-pp", type=float, default=MAX_DROP_PP)
@@ -304,7 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     scale = args.calibration_images / CALIBRATION_IMAGES
     drawn = round(CALIBRATION_DRAWN * scale) if has_ood else 0
     negatives = round(CALIBRATION_NEGATIVES * scale) if has_ood else 0
-    x_cal = calibration_images(fp32_card, args.calibration_images, mnist, negatives, drawn)
+    try:
+        x_cal = calibration_images(fp32_card, args.calibration_images, mnist, negatives, drawn)
+    except ValueError as e:
+        parser.error(f"--calibration-images {args.calibration_images}: {e}")
     x_test, y_test = (mnist.x_test.astype(np.float32) / 255.0)[..., None], mnist.y_test
     smoke = TrainConfig(**fp32_card["training"]["config"]).smoke
     if smoke:  # the smoke model: its own test subset, as its card
@@ -329,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         calibration = {
             "images": len(x_cal),
             "source": f"{args.calibration_images} digits from the MNIST training split of the float model (seeded)"
-            + (f", {drawn} more of them drawn as people draw them" if drawn else "")
+            + (f", {drawn} other training digits drawn as people draw them" if drawn else "")
             + (f", {negatives} generated non-digits from the OOD suite's train split" if negatives else ""),
             "method": method,
             "validation_accuracy_drop_pp": round(val_drop, 4),

@@ -76,6 +76,11 @@ def test_the_shipped_int8_model_keeps_its_promises(fp32_card: dict, mnist_test: 
     assert card["name"] == "mnist-cnn-int8" and card["onnx"]["file"] == INT8.name
     assert card["onnx"]["sha256"] == hashlib.sha256(INT8.read_bytes()).hexdigest()
     assert card["quantization"]["from"]["sha256"] == fp32_card["onnx"]["sha256"], "quantized from the shipped model"
+    calibration = card["quantization"]["calibration"]  # made with the calibration set mnist-quantize makes today
+    assert (
+        calibration["images"]
+        == quantize.CALIBRATION_IMAGES + quantize.CALIBRATION_DRAWN + quantize.CALIBRATION_NEGATIVES
+    )
     x, y = (mnist_test[0].astype(np.float32) / 255.0)[..., None], mnist_test[1]
     probs = quantize.predict(quantize.service_session(INT8), x)
     reference = quantize.predict(quantize.reference_session(INT8), x)
@@ -106,4 +111,14 @@ def test_a_method_that_loses_validation_accuracy_is_replaced_by_min_max(tmp_path
     calibration = json.loads((tmp_path / "mnist-cnn-int8.json").read_text())["quantization"]["calibration"]
     assert calibration["method"] == quantize.FALLBACK_METHOD != quantize.CALIBRATION_METHOD
     assert calibration["validation_accuracy_drop_pp"] < 1  # min-max keeps this model's accuracy
+    # drawn digits and non-digits scale with --calibration-images (1,000 + 1,000 + 2,000 at the default)
+    assert calibration["images"] == 400 and "100 other training digits drawn" in calibration["source"]
     assert (tmp_path / "mnist-cnn-int8.onnx").stat().st_size > 0
+
+
+@pytest.mark.parametrize("count", ["0", "100000"])
+def test_a_calibration_set_the_training_split_cannot_hold_is_refused(count: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        quantize.main(["--calibration-images", count, "--out", "/nonexistent"])
+    assert exit_info.value.code == 2
+    assert f"--calibration-images {count}: calibration digits must be between 1 and the" in capsys.readouterr().err
