@@ -6,8 +6,8 @@
 Weights are quantized per output channel, activations per tensor with ranges (the 99.999th percentile; min-max when
 that loses accuracy on the float model's validation digits) calibrated on images from the float model's own training
 split (never its validation or test images): MNIST digits and, for a model with an ``ood_score``, other training
-digits drawn as people draw them and generated non-digits, after onnxruntime's pre-processing (shape inference and graph
-optimisation). Only the convolutions and the dense layer are quantized: the head (temperature, softmax,
+digits drawn as people draw them and generated non-digits, after onnxruntime's pre-processing (shape inference and
+graph optimisation). Only the convolutions and the dense layer are quantized: the head (temperature, softmax,
 ``ood_score``) stays float, so probabilities and scores keep their resolution.
 
 Weights use 7 bits (``reduce_range``): on x86 CPUs without VNNI, onnxruntime's u8×s8 kernels add pairs of
@@ -54,12 +54,11 @@ CALIBRATION_IMAGES = 1000
 #: the float model rejects. Judged on the suite's ``fit`` split (mnist-cnn 1.1.0, worst family, all within the
 #: validation budgets): 500 digits + 250 non-digits 89.1 %; 1,000 + 2,000 non-digits 95.3 %, but it kept only
 #: 0.2 % of the validation budget (the drawn digits took the rest); 1,000 + 1,000 drawn + 1,000 non-digits
-#: 95.2 %; 1,000 + 1,000 drawn + 2,000 non-digits 95.6 %, with the best mean.
+#: 95.2 %; 1,000 + 1,000 drawn + 2,000 non-digits 95.6 %, with the best mean. onnxruntime's calibrator keeps every
+#: calibrated tensor of every image until it computes the ranges: about 570 kB an image for this network, so the
+#: default 4,000 images take about 2.3 GB, and memory grows with ``--calibration-images``.
 CALIBRATION_DRAWN = 1000
 CALIBRATION_NEGATIVES = 2000
-#: onnxruntime's calibrator keeps every calibrated tensor of every image until it computes the ranges: about
-#: 570 kB an image for this network, so the default 4,000 images take about 2.3 GB, and memory grows with
-#: ``--calibration-images``.
 #: How activation ranges are set from the calibration images. Percentile (the 99.999th, onnxruntime's default)
 #: rather than min-max: the few extreme activations a non-digit excites would otherwise stretch every range and
 #: leave the digits, and the small differences ``ood_score`` reads, too few levels. Judged on the suite's ``fit``
@@ -142,7 +141,7 @@ class _Calibration:
 def calibration_images(
     card: dict[str, Any], count: int, mnist: Mnist, negatives: int = 0, drawn: int = 0
 ) -> np.ndarray:
-    """``count`` digits drawn (seeded) from the float model's training split, ``drawn`` more of its training digits
+    """``count`` digits drawn (seeded) from the float model's training split, ``drawn`` other training digits
     drawn as people draw them (``training.ood.draw_digits``), and ``negatives`` generated non-digits from the OOD
     suite's ``train`` split, in that order, as float32 [N, 28, 28, 1] in 0..1."""
     from training.train import split_data
