@@ -48,6 +48,10 @@ class TrainConfig:
     extras_per_epoch: int = 0
     """Drawn digits and negatives sampled into each epoch next to all the MNIST digits (0: all of them, every
     epoch). Each epoch still sees every MNIST training digit once; the extras come round every few epochs."""
+    widths: tuple[int, int, int] = (32, 64, 128)
+    """Channels of the ``cnn`` model's three stages (of each tower)."""
+    towers: int = 1
+    """Networks trained side by side in one model, their logits averaged (``cnn`` with the reject class only)."""
     batchnorm_momentum: float = 0.99
     """How slowly BatchNorm's inference statistics follow the batches (Keras' default; the ``cnn`` model only)."""
     seed: int = 42
@@ -79,7 +83,15 @@ class TrainConfig:
                 reduce_lr_patience=2,
             )
         else:
-            base = dict(model="cnn", reject_class=True, negatives=20_000, drawn_digits=8_000, extras_per_epoch=12_000)
+            base = dict(
+                model="cnn",
+                reject_class=True,
+                negatives=20_000,
+                drawn_digits=8_000,
+                extras_per_epoch=12_000,
+                towers=2,
+                widths=(16, 48, 96),
+            )
         base.update(overrides)
         return cls(**base)
 

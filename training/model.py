@@ -7,11 +7,16 @@
 ``seed`` reproduces the published notebook (Conv/MaxPool stack, L2-regularized dense layers, softmax).
 ``cnn`` is the model we ship: BatchNorm conv blocks, dropout, global pooling. With ``reject_class`` its head
 is 11 logits: the ten digits and "not a digit" (trained on generated negatives); the export turns them into
-calibrated digit probabilities and an ``ood_score``. Augmentation is not part of either graph: :func:`augmenter`
-is applied in the input pipeline, so the exported model is inference-only.
+calibrated digit probabilities and an ``ood_score``. The shipped ``cnn`` (``TrainConfig``: ``towers=2``) is two
+such networks, narrower, side by side in one graph, each trained on its own loss, their logits averaged.
+Augmentation is not part of either graph: :func:`augmenter` is applied in the input pipeline, so the exported model
+is inference-only.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import keras
 import numpy as np
@@ -48,23 +53,49 @@ def _conv_bn(x: keras.KerasTensor, filters: int, name: str, momentum: float) -> 
     return layers.ReLU(name=f"{name}_relu")(x)
 
 
+def _tower(
+    inputs: keras.KerasTensor, widths: Sequence[int], dropout: float, momentum: float, prefix: str
+) -> keras.KerasTensor:
+    """Three BatchNorm conv stages (28→14→7) of ``widths`` channels, global average pooling and dropout: the
+    features of one network."""
+    x = _conv_bn(inputs, widths[0], f"{prefix}b1a", momentum)
+    x = _conv_bn(x, widths[0], f"{prefix}b1b", momentum)
+    x = layers.MaxPooling2D(name=f"{prefix}pool1")(x)
+    x = _conv_bn(x, widths[1], f"{prefix}b2a", momentum)
+    x = _conv_bn(x, widths[1], f"{prefix}b2b", momentum)
+    x = layers.MaxPooling2D(name=f"{prefix}pool2")(x)
+    x = _conv_bn(x, widths[2], f"{prefix}b3a", momentum)
+    x = _conv_bn(x, widths[2], f"{prefix}b3b", momentum)
+    x = layers.GlobalAveragePooling2D(name=f"{prefix}gap")(x)
+    return layers.Dropout(dropout, name=f"{prefix}dropout")(x)
+
+
 def build_cnn(
-    width: int = 32, dropout: float = 0.25, reject_class: bool = False, batchnorm_momentum: float = 0.99
+    widths: Sequence[int] = (32, 64, 128),
+    dropout: float = 0.25,
+    reject_class: bool = False,
+    batchnorm_momentum: float = 0.99,
+    towers: int = 1,
 ) -> keras.Model:
-    """The shipped model: 3 BatchNorm conv stages (28→14→7), global average pooling, dropout, then softmax-10,
+    """The ``cnn`` architecture: 3 BatchNorm conv stages (28→14→7), global average pooling, dropout, then softmax-10,
     or (``reject_class``) 11 logits: ten digits and "not a digit". ``batchnorm_momentum`` is Keras' default: how
-    slowly the statistics used at inference follow the batches."""
+    slowly the statistics used at inference follow the batches.
+
+    ``towers`` > 1 (reject-class models only) builds that many such networks side by side on the same input, each
+    with its own logits (``t0_logits``, ...), and averages their logits: an ensemble in one graph, trained with a
+    loss on each tower (:func:`tower_outputs`), so that the towers learn independently."""
     inputs = keras.Input(INPUT_SHAPE, name="input")
-    x = _conv_bn(inputs, width, "b1a", batchnorm_momentum)
-    x = _conv_bn(x, width, "b1b", batchnorm_momentum)
-    x = layers.MaxPooling2D(name="pool1")(x)
-    x = _conv_bn(x, 2 * width, "b2a", batchnorm_momentum)
-    x = _conv_bn(x, 2 * width, "b2b", batchnorm_momentum)
-    x = layers.MaxPooling2D(name="pool2")(x)
-    x = _conv_bn(x, 4 * width, "b3a", batchnorm_momentum)
-    x = _conv_bn(x, 4 * width, "b3b", batchnorm_momentum)
-    x = layers.GlobalAveragePooling2D(name="gap")(x)
-    x = layers.Dropout(dropout, name="dropout")(x)
+    if towers > 1:
+        if not reject_class:
+            raise ValueError("towers need the reject-class head")
+        heads = [
+            layers.Dense(NUM_CLASSES + 1, name=f"t{i}_{LOGITS_LAYER}")(
+                _tower(inputs, widths, dropout, batchnorm_momentum, f"t{i}_")
+            )
+            for i in range(towers)
+        ]
+        return keras.Model(inputs, layers.Average(name=LOGITS_LAYER)(heads), name="cnn")
+    x = _tower(inputs, widths, dropout, batchnorm_momentum, "")
     if reject_class:
         outputs = layers.Dense(NUM_CLASSES + 1, name=LOGITS_LAYER)(x)
     else:
@@ -72,14 +103,54 @@ def build_cnn(
     return keras.Model(inputs, outputs, name="cnn")
 
 
-def build(name: str, reject_class: bool = False, batchnorm_momentum: float = 0.99) -> keras.Model:
+def tower_heads(model: keras.Model) -> list[keras.layers.Layer]:
+    """The logits layers of each tower of a model built with ``towers`` > 1 (empty for a single network)."""
+    return [layer for layer in model.layers if layer.name.startswith("t") and layer.name.endswith(f"_{LOGITS_LAYER}")]
+
+
+def tower_outputs(model: keras.Model) -> keras.Model:
+    """The model to train an ensemble with: the same layers, every tower's logits side by side (towers × 11), so
+    that the loss (:func:`tower_loss`) trains each tower on its own."""
+    heads = tower_heads(model)
+    return keras.Model(model.inputs, layers.Concatenate(name="tower_logits")([h.output for h in heads]))
+
+
+def tower_loss(towers: int, label_smoothing: float) -> Any:
+    """Cross-entropy of each tower's logits against the labels, averaged over the towers."""
+    ce = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=label_smoothing)
+    width = NUM_CLASSES + 1
+
+    def loss(y_true: Any, y_pred: Any) -> Any:
+        return sum(ce(y_true, y_pred[:, i * width : (i + 1) * width]) for i in range(towers)) / towers
+
+    return loss
+
+
+def tower_accuracy(towers: int) -> Any:
+    """Accuracy of the averaged logits, the answer the exported model gives."""
+    width = NUM_CLASSES + 1
+
+    def accuracy(y_true: Any, y_pred: Any) -> Any:
+        mean = sum(y_pred[:, i * width : (i + 1) * width] for i in range(towers)) / towers
+        return keras.metrics.categorical_accuracy(y_true, mean)
+
+    return accuracy
+
+
+def build(
+    name: str,
+    reject_class: bool = False,
+    batchnorm_momentum: float = 0.99,
+    towers: int = 1,
+    widths: Sequence[int] = (32, 64, 128),
+) -> keras.Model:
     """Build an architecture by its name (``seed`` or ``cnn``); only ``cnn`` has a reject-class head."""
     if name == "seed":
-        if reject_class:
-            raise ValueError("the seed model has no reject-class head")
+        if reject_class or towers > 1:
+            raise ValueError("the seed model has no reject-class head and one network")
         return build_seed_cnn()
     if name == "cnn":
-        return build_cnn(reject_class=reject_class, batchnorm_momentum=batchnorm_momentum)
+        return build_cnn(widths=widths, reject_class=reject_class, batchnorm_momentum=batchnorm_momentum, towers=towers)
     raise ValueError(f"unknown model {name!r}; choose one of ['cnn', 'seed']")
 
 

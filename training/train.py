@@ -174,7 +174,7 @@ def train(config: TrainConfig, out_dir: Path, data_dir: Path | None = None, verb
     """Train, write the run directory, return the path of the saved Keras model."""
     import keras
 
-    from training.model import build
+    from training.model import build, tower_accuracy, tower_loss, tower_outputs
 
     out_dir.mkdir(parents=True, exist_ok=True)
     config.save(out_dir / "config.json")
@@ -188,7 +188,15 @@ def train(config: TrainConfig, out_dir: Path, data_dir: Path | None = None, verb
     epoch_images = per_epoch(data, config)
     steps_per_epoch = int(np.ceil(epoch_images / config.batch_size))
 
-    model = build(config.model, reject_class=config.reject_class, batchnorm_momentum=config.batchnorm_momentum)
+    model = build(
+        config.model,
+        reject_class=config.reject_class,
+        batchnorm_momentum=config.batchnorm_momentum,
+        towers=config.towers,
+        widths=config.widths,
+    )
+    # An ensemble trains through a view with every tower's logits, one loss each; the saved model averages them.
+    trained = tower_outputs(model) if config.towers > 1 else model
     steps = steps_per_epoch * config.epochs
     if config.warmup_fraction > 0:
         warmup = int(steps * config.warmup_fraction)
@@ -206,13 +214,15 @@ def train(config: TrainConfig, out_dir: Path, data_dir: Path | None = None, verb
         if config.weight_decay
         else keras.optimizers.Adam(lr)
     )
-    model.compile(
-        optimizer=optimizer,
-        loss=keras.losses.CategoricalCrossentropy(
+    if config.towers > 1:
+        loss: Any = tower_loss(config.towers, config.label_smoothing)
+        accuracy: Any = tower_accuracy(config.towers)
+    else:
+        loss = keras.losses.CategoricalCrossentropy(
             from_logits=config.reject_class, label_smoothing=config.label_smoothing
-        ),
-        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
-    )
+        )
+        accuracy = keras.metrics.CategoricalAccuracy(name="accuracy")
+    trained.compile(optimizer=optimizer, loss=loss, metrics=[accuracy])
     model_path = out_dir / "model.keras"
     callbacks: list[keras.callbacks.Callback] = [keras.callbacks.CSVLogger(str(out_dir / "history.csv"))]
     if config.early_stopping_patience:
@@ -235,7 +245,7 @@ def train(config: TrainConfig, out_dir: Path, data_dir: Path | None = None, verb
         flush=True,
     )
     start = time.perf_counter()
-    history = model.fit(
+    history = trained.fit(
         train_ds,
         validation_data=val_ds,
         epochs=config.epochs,

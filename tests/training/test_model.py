@@ -60,3 +60,27 @@ def test_augmenter_changes_training_batches_only() -> None:
 def test_unknown_architecture_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown model"):
         build("resnet")
+
+
+def test_towers_are_an_ensemble_in_one_graph_trained_one_loss_each() -> None:
+    from training.model import tower_accuracy, tower_heads, tower_loss, tower_outputs
+
+    model = build("cnn", reject_class=True, towers=2, widths=(16, 48, 96))
+    assert model.count_params() == 313_718 and emits_logits(model)
+    x = np.random.default_rng(0).random((5, 28, 28, 1), dtype=np.float32)
+    mean = np.asarray(model(x, training=False))
+    heads = [np.asarray(keras.Model(model.inputs, h.output)(x, training=False)) for h in tower_heads(model)]
+    assert len(heads) == 2 and mean.shape == (5, 11)
+    assert not np.allclose(heads[0], heads[1])  # two networks, not one copied
+    np.testing.assert_allclose(mean, (heads[0] + heads[1]) / 2, rtol=1e-5, atol=1e-6)
+    # The training view shares the layers and puts both towers' logits side by side.
+    both = np.asarray(tower_outputs(model)(x, training=False))
+    np.testing.assert_allclose(both, np.concatenate(heads, axis=1), rtol=1e-5, atol=1e-6)
+    y = keras.utils.to_categorical([0, 3, 10, 7, 10], 11)
+    ce = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.05)
+    expected = (float(ce(y, heads[0])) + float(ce(y, heads[1]))) / 2
+    np.testing.assert_allclose(float(tower_loss(2, 0.05)(y, both)), expected, rtol=1e-5)
+    accuracy = np.asarray(tower_accuracy(2)(y, both))
+    np.testing.assert_array_equal(accuracy, (mean.argmax(1) == y.argmax(1)).astype(np.float32))
+    with pytest.raises(ValueError, match="reject-class"):
+        build("cnn", towers=2)
