@@ -321,13 +321,14 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         candidate = Path(tmp) / f"{name}.onnx"
-        method = args.method
+        method, replaced = args.method, {}
         quantize(fp32_path, candidate, x_cal, method)
         x_val, y_val = validation_digits(fp32_card, mnist)
         fp32_val = accuracy(fp32_path, x_val, y_val)
         val_drop = (fp32_val - accuracy(candidate, x_val, y_val)) * 100
         if val_drop > args.max_drop_pp and method != FALLBACK_METHOD:
             print(f"{method}: {val_drop:+.3f} pp on the validation digits; quantizing again with {FALLBACK_METHOD}")
+            replaced[method] = round(val_drop, 4)
             method = FALLBACK_METHOD
             quantize(fp32_path, candidate, x_cal, method)
             val_drop = (fp32_val - accuracy(candidate, x_val, y_val)) * 100
@@ -341,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
             + (f", {negatives} generated non-digits from the OOD suite's train split" if negatives else ""),
             "method": method,
             "validation_accuracy_drop_pp": round(val_drop, 4),
+            # The method tried first and its loss on the validation digits, when that loss made the quantizer fall back.
+            **({"replaced": replaced} if replaced else {}),
         }
         card = build_card(fp32_card, candidate, name, fp32, int8, calibration)
         q = card["quantization"]
