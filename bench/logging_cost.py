@@ -34,7 +34,7 @@ ROUTES = {"/v1/predict"}
 
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
     info = request_info(scope)
-    info.model, info.version, info.images = "mnist-cnn", "1.1.0", 1
+    info.model, info.version, info.images = "mnist-cnn", "1.2.0", 1
     headers = [(b"content-type", b"application/json"), (b"content-length", b"48")]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": BODY})

@@ -8,12 +8,12 @@ A request line, ``MNIST_SERVE_LOG_FORMAT=json`` (the default; one object per lin
 
     {"time":"2025-05-01T12:00:00.123Z","level":"info","logger":"service.requests","message":"POST /v1/predict 200",
      "request_id":"4bf92f3577b34da6a3ce929d0e0e4736","trace_id":"0af7651916cd43dd8448eb211c80319c","method":"POST",
-     "route":"/v1/predict","status":200,"latency_ms":1.234,"model":"mnist-cnn","version":"1.1.0","images":1,
+     "route":"/v1/predict","status":200,"latency_ms":1.234,"model":"mnist-cnn","version":"1.2.0","images":1,
      "client":"10.0.0.7"}
 
 and ``MNIST_SERVE_LOG_FORMAT=text`` (for development)::
 
-    2025-05-01T12:00:00.123Z INFO    service.requests: POST /v1/predict 200 1.23 ms model=mnist-cnn version=1.1.0
+    2025-05-01T12:00:00.123Z INFO    service.requests: POST /v1/predict 200 1.23 ms model=mnist-cnn version=1.2.0
         images=1 client=10.0.0.7 request_id=4bf92f35… (one line)
 
 Every other line (startup, reloads, warnings, uvicorn's error log) has ``time``, ``level``, ``logger``,

@@ -1,7 +1,7 @@
 """Prometheus collectors for one app instance, in their own registry (so tests and several apps never collide).
 
     metrics = ServiceMetrics()
-    per_model = metrics.for_model("mnist-cnn", "1.1.0")   # children bound to {model, version}: no lookup per request
+    per_model = metrics.for_model("mnist-cnn", "1.2.0")   # children bound to {model, version}: no lookup per request
     per_model.observe_run(images=32, seconds=0.004)
 
 Names carry their unit (``_seconds``, ``_total``). Everything about inference is labelled by ``model`` and

@@ -101,7 +101,7 @@ class BatchRequest(BaseModel):
 
 class ModelRef(BaseModel):
     name: str = Field(examples=["mnist-cnn"])
-    version: str = Field(examples=["1.1.0"])
+    version: str = Field(examples=["1.2.0"])
 
 
 class Candidate(BaseModel):
@@ -213,7 +213,7 @@ class ProtocolErrorBody(BaseModel):
 
 class ServerMetadata(BaseModel):
     name: str = Field(examples=["mnist-serve"])
-    version: str = Field(examples=["1.1.0"])
+    version: str = Field(examples=["1.2.0"])
     extensions: list[str] = Field(examples=[["binary_tensor_data", "model_configuration"]])
 
 
@@ -226,7 +226,7 @@ class TensorMetadata(BaseModel):
 
 class ModelMetadata(BaseModel):
     name: str = Field(examples=["mnist-cnn"])
-    versions: list[str] = Field(examples=[["1.1.0"]])
+    versions: list[str] = Field(examples=[["1.2.0"]])
     platform: str = Field(examples=["onnxruntime_onnx"])
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
@@ -299,7 +299,7 @@ class InferResponse(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
     model_name: str = Field(examples=["mnist-cnn"])
-    model_version: str = Field(examples=["1.1.0"])
+    model_version: str = Field(examples=["1.2.0"])
     id: str | None = None
     """The request's id, when it gave one."""
     outputs: list[InferOutput]

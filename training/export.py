@@ -40,7 +40,7 @@ PARITY_ATOL = 1e-5
 #: ``ood_score`` is a log-odds (tens at most): parity is checked relative to its size.
 OOD_PARITY_ATOL = 1e-4
 CARD_SCHEMA_VERSION = 1
-DEFAULT_VERSION = "1.1.0"
+DEFAULT_VERSION = "1.2.0"
 
 
 class ExportError(RuntimeError):

@@ -43,7 +43,7 @@ router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 NamePath = Annotated[
     str, Path(description="Model name, as its card says (GET /v1/models lists them).", examples=["mnist-cnn"])
 ]
-VersionPath = Annotated[str, Path(description="Model version, as its card says.", examples=["1.1.0"])]
+VersionPath = Annotated[str, Path(description="Model version, as its card says.", examples=["1.2.0"])]
 
 
 def _empty(status: int) -> Response:

