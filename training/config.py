@@ -63,6 +63,11 @@ class TrainConfig:
     smoke_drawn_digits: int = 256
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.widths = (int(self.widths[0]), int(self.widths[1]), int(self.widths[2]))  # a list from config.json
+        if self.towers > 1 and not self.reject_class:
+            raise ValueError("towers need the reject-class head (reject_class=True)")
+
     @classmethod
     def for_model(cls, model: ModelName, **overrides: Any) -> TrainConfig:
         """Defaults tuned for each architecture; keyword overrides win."""
@@ -96,7 +101,8 @@ class TrainConfig:
         return cls(**base)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """JSON's view: what config.json and the model card hold (``widths`` as a list)."""
+        return {**dataclasses.asdict(self), "widths": list(self.widths)}
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")

@@ -84,3 +84,7 @@ def test_towers_are_an_ensemble_in_one_graph_trained_one_loss_each() -> None:
     np.testing.assert_array_equal(accuracy, (mean.argmax(1) == y.argmax(1)).astype(np.float32))
     with pytest.raises(ValueError, match="reject-class"):
         build("cnn", towers=2)
+    from training.config import TrainConfig
+
+    with pytest.raises(ValueError, match="reject-class"):  # refused before any data is prepared
+        TrainConfig(towers=2)

@@ -43,6 +43,9 @@ def test_smoke_run_writes_config_history_and_checkpoint(smoke_run: Path) -> None
     }
     config = TrainConfig.load(smoke_run / "config.json")
     assert config.smoke and config.epochs == 3 and config.model == "cnn" and config.reject_class
+    # the shipped recipe: two towers (config.json stores the widths as a list; loading gives the tuple back)
+    assert config.towers == 2 and config.widths == (16, 48, 96)
+    assert config == TrainConfig.for_model("cnn", smoke=True, epochs=3, batchnorm_momentum=0.9)
     history = json.loads((smoke_run / "history.json").read_text())
     assert len(history["loss"]) == 3 and history["loss"][-1] < history["loss"][0]
     assert history["accuracy"][-1] > 0.5  # it learns, even on 2k images
