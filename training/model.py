@@ -115,24 +115,27 @@ def tower_outputs(model: keras.Model) -> keras.Model:
     return keras.Model(model.inputs, layers.Concatenate(name="tower_logits")([h.output for h in heads]))
 
 
+def _per_tower(y_pred: Any, towers: int) -> list[Any]:
+    """The training view's output (towers × 11 logits side by side) split into each tower's 11 logits."""
+    n = NUM_CLASSES + 1
+    return [y_pred[:, i * n : (i + 1) * n] for i in range(towers)]
+
+
 def tower_loss(towers: int, label_smoothing: float) -> Any:
     """Cross-entropy of each tower's logits against the labels, averaged over the towers."""
     ce = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=label_smoothing)
-    width = NUM_CLASSES + 1
 
     def loss(y_true: Any, y_pred: Any) -> Any:
-        return sum(ce(y_true, y_pred[:, i * width : (i + 1) * width]) for i in range(towers)) / towers
+        return sum(ce(y_true, logits) for logits in _per_tower(y_pred, towers)) / towers
 
     return loss
 
 
 def tower_accuracy(towers: int) -> Any:
     """Accuracy of the averaged logits, the answer the exported model gives."""
-    width = NUM_CLASSES + 1
 
     def accuracy(y_true: Any, y_pred: Any) -> Any:
-        mean = sum(y_pred[:, i * width : (i + 1) * width] for i in range(towers)) / towers
-        return keras.metrics.categorical_accuracy(y_true, mean)
+        return keras.metrics.categorical_accuracy(y_true, sum(_per_tower(y_pred, towers)) / towers)
 
     return accuracy
 
