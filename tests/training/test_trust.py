@@ -65,6 +65,25 @@ def test_fitting_keeps_within_its_limits_and_catches_the_outliers() -> None:
     assert verdict.ood_output == "ood_score" and verdict.not_a_digit_at_or_above is not None
 
 
+def test_when_validation_errors_cannot_all_be_held_back_the_fit_spends_the_budget() -> None:
+    """Confident errors no threshold within the budget can catch: the fit lets as few through as it can and spends
+    the rest of the budget on the least confident digits, rather than rejecting fewer digits so that the same
+    errors make a smaller share (a ratio rises as digits are held back, a count does not)."""
+    rng = np.random.default_rng(3)
+    n = 5000
+    val = _outputs(rng, n, (0.5, 1.0), (-8, 1))
+    y_val = np.zeros(n, int)
+    y_val[np.argsort(val.probs[:, 0])[-10:]] = 1  # the ten most confident are wrong: no threshold catches them
+    drawn = _outputs(rng, 1000, (0.5, 1.0), (-7, 1))
+    fit = _outputs(rng, 2000, (0.5, 1.0), (4, 1))
+    verdict, info = fit_verdict(val, y_val, drawn, fit, np.repeat([0, 1], 1000))
+    assert not info["feasible"] and info["fit_min_family_rejected"] >= trust.TARGET_FAMILY_REJECTED
+    budget_step = trust.FIT_MAX_DIGITS_REJECTED / 28  # the spacing of the candidate thresholds
+    assert info["validation_digits_rejected"] >= trust.FIT_MAX_DIGITS_REJECTED - budget_step, info
+    assert info["validation_digits_rejected"] <= trust.FIT_MAX_DIGITS_REJECTED, info
+    assert np.mean(val.probs.max(1) < verdict.unsure_below_confidence) >= trust.FIT_MAX_DIGITS_REJECTED / 2
+
+
 def test_a_model_without_ood_output_gets_a_confidence_only_verdict() -> None:
     rng = np.random.default_rng(2)
     val = _outputs(rng, 2000, (0.9, 1.0), (0, 1))
@@ -195,7 +214,8 @@ def test_without_trust_outputs_is_the_same_classifier() -> None:
 def test_the_int8_model_is_held_to_the_same_targets(card: dict[str, Any]) -> None:
     """int8 is judged by its own thresholds on the same suite, against the same targets as the float model: every
     held-out family at least 95 % rejected (its calibration images include drawn digits and non-digits, so its
-    ood_score keeps the separation the float one has), at most 1 % of test digits rejected."""
+    ood_score keeps the separation the float one has), at most 1 % of test digits rejected, at most 0.1 % wrong
+    among the digits it answers, and its card says every target is met."""
     int8 = json.loads(INT8_CARD.read_text())
     assert int8["quantization"]["from"]["sha256"] == card["onnx"]["sha256"]
     t = int8["trust"]
@@ -203,10 +223,6 @@ def test_the_int8_model_is_held_to_the_same_targets(card: dict[str, Any]) -> Non
     rates = {f: v["not_digit_rate"] for f, v in t["ood"]["held_out"]["per_family"].items() if f in trust.FAMILIES}
     assert set(rates) == set(trust.FAMILIES)
     assert min(rates.values()) >= trust.TARGET_FAMILY_REJECTED, rates
-    met = t["targets_met"]
-    assert met["every_family_at_least_95_percent"] and met["test_digits_rejected_at_most_1_percent"]
     assert t["selective"]["test_digits_rejected"] <= trust.TARGET_DIGITS_REJECTED
-    # Wrong answers let through: the float 1.2.0 lets 9 through (0.091 %), its int8 version 14 (0.141 %), which
-    # misses the 0.1 % target; README and docs/trust.md say so, and so must the card. Held to no worse than that.
-    assert t["selective"]["wrong_among_accepted"] <= 0.0015, t["selective"]
-    assert met["wrong_among_accepted_at_most_0_1_percent"] == (t["selective"]["wrong_among_accepted"] <= 0.001)
+    assert t["selective"]["wrong_among_accepted"] <= trust.TARGET_WRONG_AMONG_ACCEPTED, t["selective"]
+    assert all(t["targets_met"].values()), t["targets_met"]
