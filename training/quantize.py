@@ -72,7 +72,8 @@ CALIBRATION_METHOD = "percentile"
 #: loses more than ``--max-drop-pp`` on the float model's validation digits (never the test set), the model is
 #: quantized again with this one; the test-set gate below still decides whether anything is written. mnist-cnn
 #: 1.2.0 lost 0.06 pp with percentile, so its int8 model is min-max (the card's ``calibration.replaced``); its
-#: held-out families still reach 96.8 % at least, thanks to the calibration images above.
+#: held-out families still reach 96.8 % at least, thanks to the calibration images above and its own verdict
+#: thresholds (``training.trust``).
 FALLBACK_METHOD = "minmax"
 #: Quantized operators: the convolutions and the dense layer; everything after the logits stays float.
 QUANTIZED_OPS = ["Conv", "MatMul", "Gemm"]

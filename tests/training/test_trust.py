@@ -78,8 +78,7 @@ def test_when_validation_errors_cannot_all_be_held_back_the_fit_spends_the_budge
     fit = _outputs(rng, 2000, (0.5, 1.0), (4, 1))
     verdict, info = fit_verdict(val, y_val, drawn, fit, np.repeat([0, 1], 1000))
     assert not info["feasible"] and info["fit_min_family_rejected"] >= trust.TARGET_FAMILY_REJECTED
-    budget_step = trust.FIT_MAX_DIGITS_REJECTED / 28  # the spacing of the candidate thresholds
-    assert info["validation_digits_rejected"] >= trust.FIT_MAX_DIGITS_REJECTED - budget_step, info
+    assert info["validation_digits_rejected"] >= 0.9 * trust.FIT_MAX_DIGITS_REJECTED, info
     assert info["validation_digits_rejected"] <= trust.FIT_MAX_DIGITS_REJECTED, info
     assert np.mean(val.probs.max(1) < verdict.unsure_below_confidence) >= trust.FIT_MAX_DIGITS_REJECTED / 2
 
@@ -176,6 +175,30 @@ def test_the_card_figures_are_what_onnxruntime_measures_here(
             assert ev.figures["per_family"][family][key] == figures[key], (family, key)
         assert ev.figures["per_family"][family]["auroc"] == pytest.approx(figures["auroc"], abs=1e-4)
     assert ev.figures["drawn_digits"]["kept_as_digit"] == t["drawn_digits"]["kept_as_digit"]
+
+
+@pytest.mark.parametrize("name", ["mnist-cnn", "mnist-cnn-int8"])
+def test_each_cards_verdict_is_what_the_fitting_rule_gives_and_meets_the_targets(
+    shipped: tuple[trust.TrustData, trust.Evaluation], name: str
+) -> None:
+    """Fit the verdict again from validation data and the suite's fit split (never the test set), with the rule in
+    training/trust.py, and measure it with onnxruntime: the card's thresholds and held-out figures are exactly
+    what comes out, and they meet every target. For int8 this is the check that its card's "targets met" is not a
+    hand-edited claim: its thresholds come from the rule alone."""
+    onnx_path, card_path = MODELS / f"{name}.onnx", MODELS / f"{name}.json"
+    if not onnx_path.exists():
+        pytest.skip(f"no {name} shipped")
+    data, _ = shipped
+    t = json.loads(card_path.read_text())["trust"]
+    ev = trust.evaluate_model(name, onnx_path, data)
+    assert ev.verdict.to_card() == t["verdict"]
+    assert ev.figures["selective"] == t["selective"]
+    assert ev.figures["drawn_digits"]["kept_as_digit"] == t["drawn_digits"]["kept_as_digit"]
+    families = {f: ev.figures["per_family"][f]["not_digit_rate"] for f in trust.FAMILIES}
+    assert families == {f: t["ood"]["held_out"]["per_family"][f]["not_digit_rate"] for f in trust.FAMILIES}
+    assert min(families.values()) >= trust.TARGET_FAMILY_REJECTED, families
+    assert ev.figures["selective"]["test_digits_rejected"] <= trust.TARGET_DIGITS_REJECTED
+    assert ev.figures["selective"]["wrong_among_accepted"] <= trust.TARGET_WRONG_AMONG_ACCEPTED
 
 
 def test_the_calibration_figures_are_those_of_the_shipped_probabilities(
